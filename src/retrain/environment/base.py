@@ -1,0 +1,197 @@
+"""The environment contract: the world the policy acts in.
+
+An `Environment` is a template. Each rollout runs on `spawn()` (a shallow copy), so episodes run
+concurrently without sharing per-episode state, while resources made once in `setup()` (a tool
+server connection, a loaded dataset) are shared. `reset()` must therefore initialise all state an
+episode needs.
+
+The policy is reached through `PolicyClient`, an async interface the trainer implements with a
+batching sampler: every episode awaits its next action, and all pending requests are served by one
+batched `generate` call. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import copy
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Optional, Protocol, Sequence, Union, runtime_checkable
+
+from retrain.data.records import Message, PromptRecord
+
+
+@dataclass
+class ToolCall:
+    """A request from the policy to run the tool `name` with `arguments`."""
+
+    name: str
+    arguments: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LLMAction:
+    """What the policy did in one turn: plain text, or text that carries a tool call."""
+
+    text: str
+    tool_call: Optional[ToolCall] = None
+    token_ids: list[int] = field(default_factory=list)
+    truncated: bool = False
+    """True when generation stopped at the token budget rather than at an end-of-sequence token."""
+
+    @property
+    def is_tool_call(self) -> bool:
+        return self.tool_call is not None
+
+
+@dataclass
+class EnvironmentObservation:
+    """What the environment shows the policy, and the immediate outcome of the last action.
+
+    Attributes:
+        content: text, or chat messages, for the policy to read next (the prompt on `reset`).
+        reward: the immediate (step) reward for the action that led here.
+        done: the episode is over; no further action is requested.
+        info: anything else worth keeping in the trajectory (tool results, errors, ...).
+    """
+
+    content: Union[str, list[Message], None] = None
+    reward: float = 0.0
+    done: bool = False
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Generation:
+    """One completion returned by the policy client."""
+
+    token_ids: list[int]
+    text: str
+    truncated: bool
+
+
+@runtime_checkable
+class PolicyClient(Protocol):
+    """How an environment reaches the policy during a rollout."""
+
+    def encode(self, content: Union[str, list[Message]], *, add_generation_prompt: bool = True) -> list[int]:
+        """Token ids for a prompt: chat messages go through the tokenizer's chat template."""
+        ...
+
+    async def generate(self, context_ids: Sequence[int], max_new_tokens: Optional[int] = None) -> Generation:
+        """Sample a continuation of `context_ids`; concurrent calls are batched together."""
+        ...
+
+
+@dataclass
+class Turn:
+    """One policy action and the environment's answer to it."""
+
+    action: LLMAction
+    observation: EnvironmentObservation
+
+
+@dataclass
+class Trajectory:
+    """A finished episode, as the trainer and the reward functions see it.
+
+    `completion_ids` holds every token after the prompt in order, policy tokens and environment
+    tokens interleaved; `completion_mask` is 1 where the policy generated the token (only those
+    carry loss) and 0 for environment text.
+    """
+
+    record: PromptRecord
+    prompt_ids: list[int]
+    completion_ids: list[int] = field(default_factory=list)
+    completion_mask: list[int] = field(default_factory=list)
+    turns: list[Turn] = field(default_factory=list)
+
+    @property
+    def completion_text(self) -> str:
+        """The text the policy wrote, all turns joined (what single-turn reward functions score)."""
+        return "".join(turn.action.text for turn in self.turns)
+
+    @property
+    def step_rewards(self) -> list[float]:
+        return [turn.observation.reward for turn in self.turns]
+
+    @property
+    def truncated(self) -> bool:
+        return bool(self.turns) and self.turns[-1].action.truncated
+
+    @property
+    def num_policy_tokens(self) -> int:
+        return sum(self.completion_mask)
+
+
+class Environment(ABC):
+    """Base class for environments. Subclasses implement `reset` and `step`.
+
+    Attributes:
+        max_turns: the most policy actions in one episode.
+    """
+
+    max_turns: int = 1
+
+    async def setup(self) -> None:
+        """Acquire shared resources once, before the first rollout (default: nothing)."""
+
+    async def close(self) -> None:
+        """Release what `setup` acquired (default: nothing)."""
+
+    def spawn(self) -> "Environment":
+        """A fresh episode object sharing this template's setup resources."""
+        return copy.copy(self)
+
+    @abstractmethod
+    async def reset(self, record: PromptRecord) -> EnvironmentObservation:
+        """Start an episode for `record`; return the first observation (the prompt)."""
+
+    @abstractmethod
+    async def step(self, action: LLMAction) -> EnvironmentObservation:
+        """Apply the policy's action; return what the policy sees next and the step reward."""
+
+    def parse_action(self, generation: Generation) -> LLMAction:
+        """Turn generated text into an action (default: plain text, no tool call)."""
+        return LLMAction(text=generation.text, token_ids=list(generation.token_ids), truncated=generation.truncated)
+
+    def encode_observation(self, policy: PolicyClient, observation: EnvironmentObservation) -> list[int]:
+        """Tokens of a mid-episode observation appended to the context (default: the text, no template)."""
+        content = observation.content
+        if content is None:
+            return []
+        return policy.encode(content, add_generation_prompt=False)
+
+    async def rollout(
+        self, record: PromptRecord, policy: PolicyClient, max_completion_tokens: Optional[int] = None
+    ) -> Trajectory:
+        """Run one episode to its end and return the trajectory.
+
+        The episode ends when the environment says `done`, after `max_turns` actions, or when the
+        token budget `max_completion_tokens` (policy and environment tokens after the prompt) is
+        spent.
+        """
+        observation = await self.reset(record)
+        if observation.content is None:
+            raise ValueError(f"{type(self).__name__}.reset() returned an observation with no content (the prompt).")
+        trajectory = Trajectory(record=record, prompt_ids=policy.encode(observation.content))
+        budget = max_completion_tokens
+        for _ in range(self.max_turns):
+            if budget is not None and budget <= 0:
+                break
+            generation = await policy.generate(trajectory.prompt_ids + trajectory.completion_ids, budget)
+            action = self.parse_action(generation)
+            trajectory.completion_ids += action.token_ids
+            trajectory.completion_mask += [1] * len(action.token_ids)
+            observation = await self.step(action)
+            trajectory.turns.append(Turn(action=action, observation=observation))
+            if budget is not None:
+                budget -= len(action.token_ids)
+            if observation.done or action.truncated:
+                break
+            observation_ids = self.encode_observation(policy, observation)
+            if budget is not None:
+                observation_ids = observation_ids[: max(budget, 0)]
+                budget -= len(observation_ids)
+            trajectory.completion_ids += observation_ids
+            trajectory.completion_mask += [0] * len(observation_ids)
+        return trajectory

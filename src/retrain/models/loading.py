@@ -1,0 +1,66 @@
+"""Loading the policy and its tokenizer: a hub id or a local directory, through `transformers`.
+
+The tiny local model takes the same path: it is built into a directory first, then loaded from it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from retrain.models.tiny import TinyModelConfig, build_tiny_model
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class PolicyConfig:
+    """Which model to train and how to load it.
+
+    Attributes:
+        name_or_path: a Hugging Face hub id (``Qwen/Qwen2.5-0.5B-Instruct``) or a local directory.
+        dtype: weight dtype to load in; "auto" keeps the checkpoint's own dtype. Leave mixed
+            precision to `trainer.precision`.
+        trust_remote_code: allow model code shipped with the checkpoint to run. Off by default:
+            turn it on only for repositories you trust.
+        revision: a branch, tag or commit of the hub repository.
+        tiny: build the tiny local model into `name_or_path` if that directory does not exist yet
+            (tests and the quickstart; no download).
+    """
+
+    name_or_path: str
+    dtype: Dtype = "auto"
+    trust_remote_code: bool = False
+    revision: Optional[str] = None
+    tiny: Optional[TinyModelConfig] = None
+
+
+def load_tokenizer(config: PolicyConfig) -> PreTrainedTokenizerBase:
+    """The policy's tokenizer, set up for batched generation (left padding, a pad token)."""
+    _ensure_built(config)
+    tokenizer = AutoTokenizer.from_pretrained(
+        config.name_or_path, revision=config.revision, trust_remote_code=config.trust_remote_code
+    )
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_policy(config: PolicyConfig) -> PreTrainedModel:
+    """The policy model, loaded from the hub or a local directory."""
+    _ensure_built(config)
+    dtype = "auto" if config.dtype == "auto" else _DTYPES[config.dtype]
+    return AutoModelForCausalLM.from_pretrained(
+        config.name_or_path, revision=config.revision, trust_remote_code=config.trust_remote_code, dtype=dtype
+    )
+
+
+def _ensure_built(config: PolicyConfig) -> None:
+    if config.tiny is not None and not (Path(config.name_or_path) / "config.json").is_file():
+        build_tiny_model(config.name_or_path, config.tiny)

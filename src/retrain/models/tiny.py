@@ -1,0 +1,84 @@
+"""A tiny Llama-style model and a character-level tokenizer, built locally with no download.
+
+Tests and the quickstart use these. They are written to a directory with `save_pretrained` and then
+loaded back through `AutoModelForCausalLM` / `AutoTokenizer`, so they exercise the same loading path
+a hub model takes.
+"""
+
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+SPECIAL_TOKENS = {"pad_token": "<pad>", "unk_token": "<unk>", "bos_token": "<bos>", "eos_token": "<eos>"}
+CHARACTERS = string.ascii_lowercase + string.ascii_uppercase + string.digits + string.punctuation + " \n"
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
+
+
+@dataclass
+class TinyModelConfig:
+    """Shape of the tiny local model (a Llama with a character vocabulary).
+
+    Attributes:
+        hidden_size: width of the residual stream.
+        num_layers: decoder layers.
+        num_heads: attention heads.
+        intermediate_size: MLP width.
+        max_position_embeddings: the longest sequence the model is built for.
+        seed: initialisation seed, so the same config always gives the same weights.
+    """
+
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 128
+    max_position_embeddings: int = 512
+    seed: int = 0
+
+
+def build_char_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level tokenizer: one token per character, plus pad/unk/bos/eos."""
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS.values())}
+    for character in CHARACTERS:
+        vocab.setdefault(character, len(vocab))
+    # BPE with no merges splits text into single characters; Fuse joins them back without spaces.
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=SPECIAL_TOKENS["unk_token"]))
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, **SPECIAL_TOKENS)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_tiny_model(directory: str | Path, config: TinyModelConfig | None = None) -> Path:
+    """Write a freshly initialised tiny model and its tokenizer to `directory`; return the path."""
+    config = config or TinyModelConfig()
+    directory = Path(directory)
+    tokenizer = build_char_tokenizer()
+    model_config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_heads,
+        max_position_embeddings=config.max_position_embeddings,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(config.seed)
+        model = LlamaForCausalLM(model_config)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory

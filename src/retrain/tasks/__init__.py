@@ -1,0 +1,1 @@
+"""Small self-contained tasks: prompt generators with their reward functions."""

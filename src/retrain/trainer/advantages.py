@@ -1,0 +1,74 @@
+"""Advantages from per-rollout rewards: pure functions, tensors in, tensors out.
+
+Rollouts arrive grouped: the `G = group_size` rollouts of one prompt are consecutive, so a batch of
+`N = B * G` rewards reshapes to `[B, G]`.
+
+GRPO (Shao et al. 2024, "DeepSeekMath") centres each reward on its group's mean and, by default,
+divides by the group's standard deviation. Following TRL, `scale_rewards` chooses the divisor: the
+group std (`group`), the whole batch's std (`batch`, as in "PPO Lite", Liu et al. 2025), or none
+(`none`, as Dr. GRPO recommends, Liu et al. 2025). The std is the unbiased one, computed with TRL's
+`nanstd`, and `1e-4` keeps a zero-variance group's advantages at zero rather than NaN.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Literal, NamedTuple
+
+import torch
+from trl.trainer.utils import nanstd
+
+ScaleRewards = Literal["group", "batch", "none"]
+STD_EPS = 1e-4
+
+
+class Advantages(NamedTuple):
+    advantages: torch.Tensor  # [N]
+    group_mean: torch.Tensor  # [N] the mean reward of each rollout's group
+    group_std: torch.Tensor  # [N] the (unbiased) reward std of each rollout's group
+
+
+def _group_std(grouped: torch.Tensor) -> torch.Tensor:
+    return nanstd(grouped, dim=1)  # [B]
+
+
+def _batch_std(grouped: torch.Tensor) -> torch.Tensor:
+    return nanstd(grouped.flatten()).expand(grouped.size(0))  # [B]
+
+
+_SCALES: dict[str, Callable[[torch.Tensor], torch.Tensor] | None] = {
+    "group": _group_std,
+    "batch": _batch_std,
+    "none": None,
+}
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: ScaleRewards = "group") -> Advantages:
+    """Group-normalised advantages.
+
+    Args:
+        rewards: `[N]` one reward per rollout, groups of `group_size` consecutive rollouts.
+        group_size: rollouts per prompt (`num_generations`).
+        scale_rewards: `group`, `batch` or `none` (see the module docstring).
+
+    Returns:
+        `Advantages` with `advantages[i] = (r_i - mean(group(i))) / (scale + 1e-4)` (no division
+        for `none`), and each rollout's group mean and group std for logging.
+    """
+    if rewards.dim() != 1 or rewards.numel() % group_size:
+        raise ValueError(f"rewards must be 1-D with a length divisible by group_size={group_size}, got {tuple(rewards.shape)}")
+    if scale_rewards not in _SCALES:
+        raise ValueError(f"scale_rewards must be one of {sorted(_SCALES)}, got {scale_rewards!r}")
+    grouped = rewards.view(-1, group_size)  # [B, G]
+    mean = grouped.mean(dim=1)  # [B]
+    std = _group_std(grouped)  # [B]
+    advantages = grouped - mean.unsqueeze(1)  # [B, G]
+    scale = _SCALES[scale_rewards]
+    if scale is not None:
+        advantages = advantages / (scale(grouped).unsqueeze(1) + STD_EPS)
+    # A group of size 1 has an undefined std (NaN); its advantage carries no signal.
+    advantages = torch.nan_to_num(advantages, nan=0.0)
+    return Advantages(
+        advantages=advantages.flatten(),
+        group_mean=mean.repeat_interleave(group_size),
+        group_std=std.repeat_interleave(group_size),
+    )

@@ -1,0 +1,104 @@
+"""From trajectories to training tensors, and per-token log-probs of a batch.
+
+Layout of one packed batch (`N` rollouts, prompt width `P`, completion width `C`):
+
+    input_ids       [N, P + C]   prompts left-padded to P, completions right-padded to C
+    attention_mask  [N, P + C]   1 on real tokens
+    completion_mask [N, C]       1 on tokens the policy generated (the only ones with loss)
+
+Left-padded prompts put every completion at the same columns, so one forward pass over the batch
+gives all completion log-probs with a single slice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Optional, Sequence
+
+import torch
+from trl.trainer.utils import entropy_from_logits, selective_log_softmax
+
+from retrain.environment.base import Trajectory
+from retrain.reward.calculator import RewardResult
+
+
+@dataclass
+class Experience:
+    """A batch of scored rollouts, ready for the loss."""
+
+    input_ids: torch.Tensor  # [N, P + C]
+    attention_mask: torch.Tensor  # [N, P + C]
+    completion_mask: torch.Tensor  # [N, C] float
+    rewards: torch.Tensor  # [N]
+    advantages: torch.Tensor  # [N]
+    group_std: torch.Tensor  # [N]
+    old_logps: Optional[torch.Tensor] = None  # [N, C], when a generation feeds several updates
+    ref_logps: Optional[torch.Tensor] = None  # [N, C], when beta > 0
+    trajectories: list[Trajectory] = field(default_factory=list)
+    reward_result: Optional[RewardResult] = None
+
+    @property
+    def completion_width(self) -> int:
+        return self.completion_mask.size(1)
+
+    def to(self, device: torch.device) -> "Experience":
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                setattr(self, f.name, value.to(device))
+        return self
+
+
+def pack_trajectories(
+    trajectories: Sequence[Trajectory], pad_token_id: int, *, mask_truncated: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pack trajectories into `(input_ids, attention_mask, completion_mask)` (see the module docstring).
+
+    With `mask_truncated`, rollouts that hit the token budget get an all-zero completion mask
+    (DAPO's overlong filtering, TRL's `mask_truncated_completions`).
+    """
+    prompt_width = max(len(t.prompt_ids) for t in trajectories)
+    completion_width = max(1, max(len(t.completion_ids) for t in trajectories))
+    n = len(trajectories)
+    input_ids = torch.full((n, prompt_width + completion_width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((n, prompt_width + completion_width), dtype=torch.long)
+    completion_mask = torch.zeros((n, completion_width), dtype=torch.float32)
+    for i, t in enumerate(trajectories):
+        p, c = len(t.prompt_ids), len(t.completion_ids)
+        input_ids[i, prompt_width - p : prompt_width] = torch.tensor(t.prompt_ids, dtype=torch.long)
+        attention_mask[i, prompt_width - p : prompt_width + c] = 1
+        if c:
+            input_ids[i, prompt_width : prompt_width + c] = torch.tensor(t.completion_ids, dtype=torch.long)
+            if not (mask_truncated and t.truncated):
+                completion_mask[i, :c] = torch.tensor(t.completion_mask, dtype=torch.float32)
+    return input_ids, attention_mask, completion_mask
+
+
+def completion_logps(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    completion_width: int,
+    *,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Per-token log-probs `[N, C]` of the completion tokens (and their entropies, if asked).
+
+    Logits are divided by the sampling temperature, as TRL does, so the log-probs are those of the
+    distribution the tokens were sampled from. Position ids follow the attention mask, as in
+    `generate`, so left padding does not shift positions.
+    """
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=False,
+        logits_to_keep=completion_width + 1,
+    ).logits
+    logits = logits[:, :-1, :] / temperature  # [N, C, V]: the logit at t predicts token t + 1
+    targets = input_ids[:, -completion_width:]  # [N, C]
+    logps = selective_log_softmax(logits, targets)
+    entropy = entropy_from_logits(logits.detach()) if with_entropy else None
+    return logps, entropy

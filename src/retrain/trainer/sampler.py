@@ -1,0 +1,119 @@
+"""`BatchingSampler`: serves every episode's pending generation request with one `generate` call.
+
+Episodes run as asyncio tasks and `await sampler.generate(context)`. Requests are collected until
+every episode still in flight is waiting (or until no new request arrives for a few event-loop
+turns, e.g. while some episodes wait on a slow tool), then one left-padded, KV-cached, no-grad
+`generate` call serves them all. So G x B single-turn episodes cost one call, and T-turn episodes
+cost T calls, never one per episode.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from typing import Optional, Sequence, Union
+
+import torch
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from retrain.data.records import Message
+from retrain.environment.base import Generation
+
+_IDLE_TURNS = 4  # event-loop turns without a new request before a partial batch is served
+
+
+class BatchingSampler:
+    """The trainer's `PolicyClient`: tokenization plus batched sampling from the policy.
+
+    Args:
+        model: the policy (already on its device).
+        tokenizer: the policy's tokenizer (left padding is used for batching).
+        max_new_tokens: default token budget per request.
+        temperature, top_p, top_k: sampling settings (TRL's names and meanings; `top_k=0` is off).
+        min_new_tokens: force at least this many tokens (benchmarks use it for equal work).
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        min_new_tokens: int = 0,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_new_tokens = max_new_tokens
+        self.generation_config = GenerationConfig(
+            do_sample=True,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            min_new_tokens=min_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+        )
+        self.active_episodes = 0
+        self.generate_calls = 0
+        self._pending: list[tuple[list[int], int, asyncio.Future]] = []
+        self._flush_task: Optional[asyncio.Task] = None
+
+    def encode(self, content: Union[str, list[Message]], *, add_generation_prompt: bool = True) -> list[int]:
+        if isinstance(content, str):
+            return self.tokenizer(content, add_special_tokens=add_generation_prompt)["input_ids"]
+        text = self.tokenizer.apply_chat_template(content, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    async def generate(self, context_ids: Sequence[int], max_new_tokens: Optional[int] = None) -> Generation:
+        budget = self.max_new_tokens if max_new_tokens is None else min(max_new_tokens, self.max_new_tokens)
+        future = asyncio.get_running_loop().create_future()
+        self._pending.append((list(context_ids), max(budget, 1), future))
+        if self._flush_task is None:
+            self._flush_task = asyncio.ensure_future(self._flush_when_ready())
+        return await future
+
+    async def _flush_when_ready(self) -> None:
+        idle = 0
+        while len(self._pending) < self.active_episodes and idle < _IDLE_TURNS:
+            seen = len(self._pending)
+            await asyncio.sleep(0)
+            idle = idle + 1 if len(self._pending) == seen else 0
+        pending, self._pending, self._flush_task = self._pending, [], None
+        try:
+            results = self._generate_batch([context for context, _, _ in pending], max(b for _, b, _ in pending))
+        except BaseException as err:  # hand the failure to every waiting episode
+            for _, _, future in pending:
+                future.set_exception(err)
+            return
+        for (_, budget, future), tokens in zip(pending, results):
+            future.set_result(self._to_generation(tokens[:budget], budget))
+
+    @torch.no_grad()
+    def _generate_batch(self, contexts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        self.generate_calls += 1
+        batch = self.tokenizer.pad({"input_ids": contexts}, padding=True, return_tensors="pt")
+        device = next(self.model.parameters()).device
+        input_ids = batch["input_ids"].to(device)
+        attention_mask = batch["attention_mask"].to(device)
+        was_training = self.model.training
+        self.model.eval()
+        config = copy.copy(self.generation_config)
+        config.max_new_tokens = max_new_tokens
+        try:
+            output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+        finally:
+            self.model.train(was_training)
+        return output[:, input_ids.size(1) :].tolist()
+
+    def _to_generation(self, tokens: list[int], budget: int) -> Generation:
+        """Cut at the first end-of-sequence token (kept: the policy chose it) and decode."""
+        eos_ids = self.generation_config.eos_token_id
+        eos_ids = set(eos_ids if isinstance(eos_ids, list) else [eos_ids])
+        end = next((i + 1 for i, t in enumerate(tokens) if t in eos_ids), None)
+        kept = tokens if end is None else tokens[:end]
+        text = self.tokenizer.decode(kept, skip_special_tokens=True)
+        return Generation(token_ids=kept, text=text, truncated=end is None)

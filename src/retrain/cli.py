@@ -3,6 +3,7 @@
     retrain fit --config configs/quickstart.yaml
     retrain fit --config configs/quickstart.yaml --ckpt_path last     # resume
     retrain fit --help / --print_config
+    retrain fit --model.help retrain.GRPOTrainer                       # every option of a class
 
 Every component is chosen in YAML by `class_path` (any importable class) and configured by its
 constructor's typed arguments; jsonargparse rejects a wrong key or type, naming it, before anything
@@ -16,7 +17,7 @@ import os
 import sys
 from typing import Optional
 
-from jsonargparse import set_docstring_parse_options
+from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
 
 from retrain.data.datamodule import PromptDataModule
@@ -27,7 +28,7 @@ class RetrainCLI(LightningCLI):
 
 
 def main(args: Optional[list[str]] = None) -> None:
-    set_docstring_parse_options(attribute_docstrings=True)
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # dataclass field docs -> --help
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     RetrainCLI(

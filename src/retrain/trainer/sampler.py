@@ -103,6 +103,7 @@ class BatchingSampler:
         self.model.eval()
         config = copy.copy(self.generation_config)
         config.max_new_tokens = max_new_tokens
+        config.min_new_tokens = min(config.min_new_tokens or 0, max_new_tokens)
         try:
             output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
         finally:

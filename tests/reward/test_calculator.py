@@ -141,12 +141,12 @@ def test_verifier_gating_uses_penalty_and_reports_pass_fail():
     assert result.components["exact"] == [1.0, -1.0, -1.0, 0.0]
     assert result.total == [2.0, -2.0, -2.0, 0.0]
     assert result.verifier_passed == {
-        "matches_regex": [True, False, False, True],
+        r"matches_regex[pattern=^\d+$]": [True, False, False, True],
         "non_empty": [True, False, True, True],
     }
     # The function itself only ran on the rollouts that passed its verifiers.
     assert sorted(calls) == ["41", "42"]
-    assert calc.verifier_names == ["matches_regex", "non_empty"]
+    assert calc.verifier_names == [r"matches_regex[pattern=^\d+$]", "non_empty"]
 
 
 def test_verifier_given_as_verifier_spec_object():
@@ -155,7 +155,7 @@ def test_verifier_given_as_verifier_spec_object():
     )
     result = calc.score([make_trajectory("abc", answer="abc"), make_trajectory("xyz", answer="xyz")])
     assert result.total == [1.0, 0.0]  # "xyz" has no "b": gated to the default penalty 0.0
-    assert result.verifier_passed == {"matches_regex": [True, False]}
+    assert result.verifier_passed == {"matches_regex[pattern=b]": [True, False]}  # options are part of the name
 
 
 def test_not_truncated_verifier_sees_the_trajectory():
@@ -181,11 +181,6 @@ def test_shared_verifier_reported_once_across_functions():
     assert result.verifier_passed == {"non_empty": [False, True]}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: verifier results are cached by name only (calculator.py _score_one `passed[name]`), so the "
-    "same verifier with different kwargs on two functions reuses the first function's result.",
-)
 def test_same_verifier_with_different_kwargs_on_two_functions():
     calc = RewardCalculator(
         [

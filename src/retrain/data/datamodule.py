@@ -37,7 +37,8 @@ class PromptStream(IterableDataset):
         while True:
             order = list(range(len(self.records)))
             if self.shuffle:
-                random.Random(self.seed + epoch).shuffle(order)
+                # A string seed keeps (seed, pass) pairs apart: seed 1's first pass is not seed 0's second.
+                random.Random(f"{self.seed}:{epoch}").shuffle(order)
             for index in order:
                 yield self.records[index]
             epoch += 1

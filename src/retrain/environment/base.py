@@ -104,6 +104,8 @@ class Trajectory:
     completion_ids: list[int] = field(default_factory=list)
     completion_mask: list[int] = field(default_factory=list)
     turns: list[Turn] = field(default_factory=list)
+    budget_exhausted: bool = False
+    """The episode ended because the token budget ran out (not by `done` or `max_turns`)."""
 
     @property
     def completion_text(self) -> str:
@@ -116,7 +118,8 @@ class Trajectory:
 
     @property
     def truncated(self) -> bool:
-        return bool(self.turns) and self.turns[-1].action.truncated
+        """The episode was cut by the token budget rather than finished by the policy or environment."""
+        return self.budget_exhausted or (bool(self.turns) and self.turns[-1].action.truncated)
 
     @property
     def num_policy_tokens(self) -> int:
@@ -175,8 +178,9 @@ class Environment(ABC):
             raise ValueError(f"{type(self).__name__}.reset() returned an observation with no content (the prompt).")
         trajectory = Trajectory(record=record, prompt_ids=policy.encode(observation.content))
         budget = max_completion_tokens
-        for _ in range(self.max_turns):
+        for turn in range(self.max_turns):
             if budget is not None and budget <= 0:
+                trajectory.budget_exhausted = True
                 break
             generation = await policy.generate(trajectory.prompt_ids + trajectory.completion_ids, budget)
             action = self.parse_action(generation)
@@ -186,7 +190,7 @@ class Environment(ABC):
             trajectory.turns.append(Turn(action=action, observation=observation))
             if budget is not None:
                 budget -= len(action.token_ids)
-            if observation.done or action.truncated:
+            if observation.done or action.truncated or turn == self.max_turns - 1:
                 break
             observation_ids = self.encode_observation(policy, observation)
             if budget is not None:

@@ -82,6 +82,8 @@ def length_penalty(completion: str, max_length: int = 256, **_: Any) -> float:
 @reward
 def contains_penalty(completion: str, texts: Sequence[str] = (), ignore_case: bool = True, **_: Any) -> float:
     """-1.0 when the completion contains any of `texts`, else 0.0."""
+    if isinstance(texts, str):
+        texts = [texts]
     if not texts:
         raise ValueError("reward 'contains_penalty' needs 'texts' (a list of strings) in its kwargs.")
     haystack = completion.lower() if ignore_case else completion

@@ -6,8 +6,8 @@ For every rollout and every configured reward function:
               f_i(rollout)                  otherwise
     reward  = sum_i weight_i * value_i
 
-Each `value_i` and each verifier's pass/fail is kept for logging. Async functions of one batch run
-concurrently. A function that raises, or returns NaN/inf, stops training with an error that names
+Each `value_i` and each verifier's pass/fail is kept for logging. Async functions run concurrently
+across the rollouts of a batch (one rollout's functions run in order, so a verifier gates cheaply). A function that raises, or returns NaN/inf, stops training with an error that names
 the function and the prompt: a wrong reward silently turned into a number trains the wrong thing.
 """
 
@@ -21,6 +21,16 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 from retrain.environment.base import Trajectory
 from retrain.reward.registry import REWARDS, VERIFIERS, call_with_accepted
+
+
+_RESERVED = {"completion", "prompt", "answer", "trajectory"}
+
+
+def _verifier_label(spec: "VerifierSpec") -> str:
+    """The verifier's name in logs: its name, plus its options when it has any."""
+    if not spec.kwargs:
+        return spec.name
+    return f"{spec.name}[{','.join(f'{k}={v}' for k, v in sorted(spec.kwargs.items()))}]"
 
 
 class RewardError(RuntimeError):
@@ -110,11 +120,15 @@ class RewardCalculator:
             verifiers = []
             for v in spec.verifiers:
                 v = VerifierSpec(name=v) if isinstance(v, str) else VerifierSpec(**v) if isinstance(v, dict) else v
-                verifiers.append((v.name, VERIFIERS.get(v.name), dict(v.kwargs)))
+                verifiers.append((_verifier_label(v), VERIFIERS.get(v.name), dict(v.kwargs)))
         except KeyError as err:
             raise ValueError(f"{where}: {err.args[0]}") from None
-        if not math.isfinite(spec.weight):
-            raise ValueError(f"{where}.weight must be a finite number, got {spec.weight}.")
+        for option in ("weight", "verifier_penalty"):
+            if not math.isfinite(getattr(spec, option)):
+                raise ValueError(f"{where}.{option} must be a finite number, got {getattr(spec, option)}.")
+        reserved = sorted(set(spec.kwargs) & _RESERVED)
+        if reserved:
+            raise ValueError(f"{where}.kwargs: {reserved} are supplied by retrain for every rollout; rename these options.")
         label = spec.label or (spec.name if spec.name in REWARDS else function.__name__)
         return _Resolved(label, function, spec.weight, dict(spec.kwargs), verifiers, spec.verifier_penalty)
 
@@ -152,10 +166,9 @@ class RewardCalculator:
                 values[f.label] = f.penalty
                 continue
             value = await _call(f.label, "reward", f.function, {**kwargs, **f.kwargs}, trajectory)
-            try:
-                value = float(value)
-            except (TypeError, ValueError):
-                raise RewardError(f"reward '{f.label}' returned {value!r}; it must return a number.") from None
+            if isinstance(value, (str, bytes)) or not hasattr(value, "__float__"):
+                raise RewardError(f"reward '{f.label}' returned {value!r}; it must return a number.")
+            value = float(value)
             if not math.isfinite(value):
                 raise RewardError(
                     f"reward '{f.label}' returned {value} for prompt {_short(trajectory.record.prompt)}; "

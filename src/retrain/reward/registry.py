@@ -73,8 +73,8 @@ def _import_function(path: str, kind: str) -> Callable[..., Any]:
             module = _load_file(Path(module_part))
         else:
             module = importlib.import_module(module_part)
-    except (ImportError, FileNotFoundError) as err:
-        raise KeyError(f"Cannot import {kind} '{path}': {err}") from None
+    except Exception as err:  # any failure while importing user code becomes a located config error
+        raise KeyError(f"Cannot import {kind} '{path}': {type(err).__name__}: {err}") from None
     function = getattr(module, attribute, None)
     if not callable(function):
         raise KeyError(f"Cannot import {kind} '{path}': '{module_part}' has no callable named '{attribute}'.")
@@ -91,7 +91,11 @@ def _load_file(file: Path) -> Any:
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[module_name]  # a half-imported file must not be found next time
+        raise
     return module
 
 

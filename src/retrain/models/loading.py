@@ -42,7 +42,7 @@ class PolicyConfig:
 
 def load_tokenizer(config: PolicyConfig) -> PreTrainedTokenizerBase:
     """The policy's tokenizer, set up for batched generation (left padding, a pad token)."""
-    _ensure_built(config)
+    ensure_tiny_model(config)
     tokenizer = AutoTokenizer.from_pretrained(
         config.name_or_path, revision=config.revision, trust_remote_code=config.trust_remote_code
     )
@@ -54,13 +54,14 @@ def load_tokenizer(config: PolicyConfig) -> PreTrainedTokenizerBase:
 
 def load_policy(config: PolicyConfig) -> PreTrainedModel:
     """The policy model, loaded from the hub or a local directory."""
-    _ensure_built(config)
+    ensure_tiny_model(config)
     dtype = "auto" if config.dtype == "auto" else _DTYPES[config.dtype]
     return AutoModelForCausalLM.from_pretrained(
         config.name_or_path, revision=config.revision, trust_remote_code=config.trust_remote_code, dtype=dtype
     )
 
 
-def _ensure_built(config: PolicyConfig) -> None:
+def ensure_tiny_model(config: PolicyConfig) -> None:
+    """Build the tiny local model into `name_or_path` when `tiny` is set and the directory is missing."""
     if config.tiny is not None and not (Path(config.name_or_path) / "config.json").is_file():
         build_tiny_model(config.name_or_path, config.tiny)

@@ -7,6 +7,8 @@ a hub model takes.
 
 from __future__ import annotations
 
+import os
+import shutil
 import string
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,7 +80,15 @@ def build_tiny_model(directory: str | Path, config: TinyModelConfig | None = Non
     with torch.random.fork_rng():
         torch.manual_seed(config.seed)
         model = LlamaForCausalLM(model_config)
-    directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
+    # Write beside the target and rename: a concurrent builder (another node on a shared disk) or a
+    # crash can never leave a half-written model where a loader would find it.
+    staging = directory.with_name(f".{directory.name}.{os.getpid()}.tmp")
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    try:
+        os.replace(staging, directory)
+    except OSError:
+        if not (directory / "config.json").is_file():
+            raise
+        shutil.rmtree(staging, ignore_errors=True)  # someone else finished first: same seed, same weights
     return directory

@@ -23,7 +23,7 @@ from transformers import get_scheduler
 from retrain.data.records import PromptRecord
 from retrain.environment.base import Environment
 from retrain.environment.single_turn import SingleTurnEnvironment
-from retrain.models.loading import PolicyConfig, load_policy, load_tokenizer
+from retrain.models.loading import PolicyConfig, ensure_tiny_model, load_policy, load_tokenizer
 from retrain.reward.calculator import RewardCalculator
 from retrain.trainer.advantages import ScaleRewards, group_advantages
 from retrain.trainer.base import BaseTrainer
@@ -99,9 +99,14 @@ class GRPOTrainer(pl.LightningModule, BaseTrainer):
         self.ref_policy: Optional[torch.nn.Module] = None
         self.tokenizer = None
         self.last_samples: list[dict[str, Any]] = []
+        self._last_trajectories: list = []
         self._step_started = 0.0
 
     # ----------------------------------------------------------------------------- model
+    def prepare_data(self) -> None:
+        """Once per node, before any rank loads: build the tiny local model if it is configured and missing."""
+        ensure_tiny_model(self.policy_config)
+
     def configure_model(self) -> None:
         """Load the policy (and the frozen reference when `beta > 0`); Lightning calls this once."""
         if self.policy is not None:
@@ -211,7 +216,7 @@ class GRPOTrainer(pl.LightningModule, BaseTrainer):
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # After backward and the optimizer step, so the rate counts the whole update.
         elapsed = time.perf_counter() - self._step_started
-        tokens = sum(t.num_policy_tokens for t in getattr(self, "_last_trajectories", []))
+        tokens = sum(t.num_policy_tokens for t in self._last_trajectories)
         self.log("train/tokens_per_second", tokens / max(elapsed, 1e-9), on_step=True, batch_size=1)
         self.log("train/step_seconds", elapsed, on_step=True, batch_size=1)
 

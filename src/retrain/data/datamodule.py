@@ -89,6 +89,11 @@ class PromptDataModule(pl.LightningDataModule):
         self.prompt_field = prompt_field
         self.answer_field = answer_field
         self.records: list[PromptRecord] = []
+        self._loaded: Optional[list[PromptRecord]] = None
+
+    def prepare_data(self) -> None:
+        """Validate the whole source first: Lightning runs this before any model is prepared or loaded."""
+        self._loaded = self.load_records()
 
     def load_records(self) -> list[PromptRecord]:
         """Read and validate every record of the configured source."""
@@ -100,7 +105,7 @@ class PromptDataModule(pl.LightningDataModule):
     def setup(self, stage: str = "fit") -> None:
         if self.records:
             return
-        records = self.load_records()
+        records = self._loaded if self._loaded is not None else self.load_records()
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         shard = records[rank::world]
         if not shard:

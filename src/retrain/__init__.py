@@ -11,6 +11,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "BaseTrainer": "retrain.trainer.base",
     "GRPOTrainer": "retrain.trainer.grpo",
+    "RLOOTrainer": "retrain.trainer.rloo",
+    "RLTrainer": "retrain.trainer.module",
     "Environment": "retrain.environment.base",
     "EnvironmentObservation": "retrain.environment.base",
     "LLMAction": "retrain.environment.base",

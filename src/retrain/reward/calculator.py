@@ -81,6 +81,24 @@ class RewardResult:
     components: dict[str, list[float]]
     verifier_passed: dict[str, list[bool]]
 
+    def select(self, indices: Sequence[int]) -> "RewardResult":
+        """The results of the rollouts at `indices`, in that order."""
+        return RewardResult(
+            total=[self.total[i] for i in indices],
+            components={k: [v[i] for i in indices] for k, v in self.components.items()},
+            verifier_passed={k: [v[i] for i in indices] for k, v in self.verifier_passed.items()},
+        )
+
+    @staticmethod
+    def concat(results: Sequence["RewardResult"]) -> "RewardResult":
+        """One result holding the rollouts of `results` in order."""
+        first = results[0]
+        return RewardResult(
+            total=[x for r in results for x in r.total],
+            components={k: [x for r in results for x in r.components[k]] for k in first.components},
+            verifier_passed={k: [x for r in results for x in r.verifier_passed[k]] for k in first.verifier_passed},
+        )
+
 
 @dataclass
 class _Resolved:

@@ -8,6 +8,10 @@ divides by the group's standard deviation. Following TRL, `scale_rewards` choose
 group std (`group`), the whole batch's std (`batch`, as in "PPO Lite", Liu et al. 2025), or none
 (`none`, as Dr. GRPO recommends, Liu et al. 2025). The std is the unbiased one, computed with TRL's
 `nanstd`, and `1e-4` keeps a zero-variance group's advantages at zero rather than NaN.
+
+RLOO (Ahmadian et al. 2024, "Back to Basics") baselines each rollout with the mean reward of the
+*other* rollouts of its group; TRL's `normalize_advantages` then standardises the advantages over
+the batch. A KL penalty, when used, enters RLOO through the reward (`kl_penalized_rewards`).
 """
 
 from __future__ import annotations
@@ -72,3 +76,36 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: Scal
         group_mean=mean.repeat_interleave(group_size),
         group_std=std.repeat_interleave(group_size),
     )
+
+
+def rloo_advantages(rewards: torch.Tensor, group_size: int, normalize: bool = False) -> Advantages:
+    """Leave-one-out advantages `A_i = r_i - mean_{j != i} r_j` within each group.
+
+    Args:
+        rewards: `[N]`, groups of `group_size` consecutive rollouts (`group_size >= 2`).
+        group_size: rollouts per prompt.
+        normalize: then standardise over the batch, `(A - mean(A)) / (std(A) + 1e-4)`.
+    """
+    if rewards.dim() != 1 or rewards.numel() % group_size or group_size < 2:
+        raise ValueError(f"rewards must be 1-D with a length divisible by group_size={group_size} >= 2, got {tuple(rewards.shape)}")
+    grouped = rewards.view(-1, group_size)  # [B, G]
+    baseline = (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)  # [B, G]
+    advantages = (grouped - baseline).flatten()  # [N]
+    if normalize:
+        advantages = (advantages - advantages.mean()) / (nanstd(advantages) + STD_EPS)
+    return Advantages(
+        advantages=torch.nan_to_num(advantages, nan=0.0),
+        group_mean=grouped.mean(dim=1).repeat_interleave(group_size),
+        group_std=_group_std(grouped).repeat_interleave(group_size),
+    )
+
+
+def kl_penalized_rewards(
+    rewards: torch.Tensor, old_logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor, beta: float
+) -> torch.Tensor:
+    """`r - beta * sum_t (old_logp_t - ref_logp_t)` over each rollout's policy tokens (RLOO's KL in reward).
+
+    The per-token term is the plain log-ratio (it can be negative), following the RLOO paper and TRL.
+    Shapes: rewards `[N]`, log-probs and mask `[N, C]`.
+    """
+    return rewards - beta * ((old_logps - ref_logps) * mask).sum(-1)

@@ -48,6 +48,28 @@ class Experience:
                 setattr(self, f.name, value.to(device))
         return self
 
+    def __len__(self) -> int:
+        return self.input_ids.size(0)
+
+    def split(self, parts: int) -> list["Experience"]:
+        """`parts` consecutive, equal slices of the rollouts (one per optimizer step of a generation)."""
+        n = len(self)
+        if n % parts:
+            raise ValueError(f"{n} rollouts cannot be split into {parts} equal optimizer steps.")
+        size = n // parts
+        return [self._rows(slice(i * size, (i + 1) * size)) for i in range(parts)]
+
+    def _rows(self, rows: slice) -> "Experience":
+        values = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                value = value[rows]
+            elif f.name == "trajectories":
+                value = value[rows]
+            values[f.name] = value
+        return Experience(**values)
+
 
 def pack_trajectories(
     trajectories: Sequence[Trajectory], pad_token_id: int, *, mask_truncated: bool = False
@@ -82,6 +104,7 @@ def completion_logps(
     *,
     temperature: float = 1.0,
     with_entropy: bool = False,
+    entropy_grad: bool = False,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Per-token log-probs `[N, C]` of the completion tokens (and their entropies, if asked).
 
@@ -100,5 +123,7 @@ def completion_logps(
     logits = logits[:, :-1, :] / temperature  # [N, C, V]: the logit at t predicts token t + 1
     targets = input_ids[:, -completion_width:]  # [N, C]
     logps = selective_log_softmax(logits, targets)
-    entropy = entropy_from_logits(logits.detach()) if with_entropy else None
+    entropy = None
+    if with_entropy:  # with grad only when a loss term (an entropy bonus) differentiates through it
+        entropy = entropy_from_logits(logits if entropy_grad else logits.detach())
     return logps, entropy

@@ -1,0 +1,350 @@
+"""`RLTrainer`: what every RL algorithm shares, as one LightningModule base class.
+
+An algorithm (GRPO, RLOO) subclasses it and supplies two pure pieces: how rewards become
+advantages (`compute_advantages`) and the loss on one optimizer step's rollouts (`policy_objective`).
+Everything else lives here once: loading the policy and the frozen reference, batched rollouts and
+rewards, reusing one generation for several optimizer updates, logging, and the optimizer.
+
+One `training_step` is one *generation*: it rolls out the batch's prompts, then makes
+`num_iterations * steps_per_generation` optimizer updates from it (TRL's mu and
+steps_per_generation), which is why optimization is manual: `trainer.global_step` counts optimizer
+updates, so `max_steps` and `every_n_train_steps` are in updates, as in TRL.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, Optional, Sequence
+
+import lightning.pytorch as pl
+import torch
+from transformers import get_scheduler
+
+from retrain.data.records import PromptRecord
+from retrain.environment.base import Environment, Trajectory
+from retrain.environment.single_turn import SingleTurnEnvironment
+from retrain.models.loading import PolicyConfig, ensure_tiny_model, load_policy, load_tokenizer
+from retrain.reward.calculator import RewardCalculator, RewardResult
+from retrain.trainer.base import BaseTrainer
+from retrain.trainer.experience import Experience, completion_logps, pack_trajectories
+from retrain.trainer.losses import LossStats, masked_mean
+from retrain.trainer.rollout import RolloutEngine
+from retrain.trainer.sampler import BatchingSampler
+
+SchedulerType = Literal["constant", "constant_with_warmup", "linear", "cosine"]
+
+
+class ConfigError(ValueError):
+    """One or more trainer options are invalid; the message lists each with its fix."""
+
+
+@dataclass
+class LossInputs:
+    """What an extra loss term (e.g. an entropy bonus) sees for one optimizer step."""
+
+    logps: torch.Tensor  # [N, C]
+    entropy: torch.Tensor  # [N, C], with grad when a term asked for it
+    mask: torch.Tensor  # [N, C]
+    experience: Experience
+
+
+LossTerm = Callable[[LossInputs], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+GroupFilter = Callable[["RLTrainer", Sequence[PromptRecord], list[Trajectory], RewardResult], tuple[list[Trajectory], RewardResult]]
+
+
+class RLTrainer(pl.LightningModule, BaseTrainer):
+    """Shared machinery of retrain's RL algorithms (see the module docstring).
+
+    Args:
+        policy: the model to train and how to load it.
+        reward: the reward functions and verifiers that score each rollout.
+        environment: the world each rollout happens in (default: one prompt, one completion).
+        num_generations: rollouts per prompt (the group size G); at least 2.
+        max_completion_length: the most tokens after the prompt in one rollout.
+        temperature: sampling temperature; log-probs are taken at the same temperature.
+        top_p: nucleus sampling threshold (1.0 = off).
+        top_k: top-k sampling (0 = off).
+        beta: KL coefficient to a frozen copy of the initial policy (0 = no reference model).
+        epsilon: clip range of the importance ratio.
+        epsilon_high: upper clip range (DAPO's clip-higher); default `epsilon`.
+        mask_truncated_completions: give rollouts that hit the token budget no loss.
+        num_iterations: optimizer passes over each generation (mu); > 1 reuses rollouts off-policy,
+            with log-probs stored at generation time.
+        steps_per_generation: optimizer steps one generation is split into; the generation is
+            `data.batch_size * num_generations` rollouts, and must divide evenly.
+        learning_rate: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        adam_betas: AdamW betas.
+        max_grad_norm: clip the gradient norm to this before each update (None = no clipping).
+        lr_scheduler_type: learning-rate schedule over `trainer.max_steps` (transformers' schedulers).
+        warmup_steps: linear warm-up steps of the schedule.
+        num_completions_to_keep: sample completions kept from each step for logging tables.
+    """
+
+    def __init__(
+        self,
+        policy: PolicyConfig,
+        reward: RewardCalculator,
+        environment: Optional[Environment] = None,
+        num_generations: int = 8,
+        max_completion_length: int = 256,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        beta: float = 0.0,
+        epsilon: float = 0.2,
+        epsilon_high: Optional[float] = None,
+        mask_truncated_completions: bool = False,
+        num_iterations: int = 1,
+        steps_per_generation: int = 1,
+        learning_rate: float = 1e-6,
+        weight_decay: float = 0.0,
+        adam_betas: tuple[float, float] = (0.9, 0.999),
+        max_grad_norm: Optional[float] = 1.0,
+        lr_scheduler_type: SchedulerType = "constant",
+        warmup_steps: int = 0,
+        num_completions_to_keep: int = 8,
+    ) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.save_hyperparameters(ignore=["reward", "environment"])
+        problems = self.option_problems()
+        if problems:
+            raise ConfigError(f"Invalid {type(self).__name__} options (model.init_args):\n  - " + "\n  - ".join(problems))
+        self.policy_config = policy
+        self.calculator = reward
+        self.environment = environment or SingleTurnEnvironment()
+        self.rollouts = RolloutEngine(self.environment, reward)
+        self.policy: Optional[torch.nn.Module] = None
+        self.ref_policy: Optional[torch.nn.Module] = None
+        self.tokenizer = None
+        self.extra_loss_terms: list[LossTerm] = []  # added by callbacks, e.g. EntropyBonus
+        self.entropy_grad = False  # a loss term differentiates through the entropy
+        self.group_filter: Optional[GroupFilter] = None  # set by DynamicSampling
+        self.last_samples: list[dict[str, Any]] = []
+        self._last_trajectories: list[Trajectory] = []
+        self._step_started = 0.0
+
+    # ------------------------------------------------------------------ what an algorithm supplies
+    def compute_advantages(self, rewards: torch.Tensor, experience: Experience) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(advantages [N], group_std [N])` for the grouped rewards `[N]` of `experience`."""
+        raise NotImplementedError
+
+    def policy_objective(
+        self, logps: torch.Tensor, entropy: torch.Tensor, experience: Experience, num_items_in_batch: torch.Tensor
+    ) -> tuple[torch.Tensor, LossStats]:
+        """The algorithm's loss on one optimizer step's rollouts."""
+        raise NotImplementedError
+
+    @property
+    def needs_generation_logps(self) -> bool:
+        """Whether log-probs at generation time must be stored (the policy moves before they are used)."""
+        return self.hparams.num_iterations * self.hparams.steps_per_generation > 1
+
+    def option_problems(self) -> list[str]:
+        """Every invalid option, each with its fix (subclasses add theirs)."""
+        h, problems = self.hparams, []
+        if h.num_generations < 2:
+            problems.append(f"num_generations={h.num_generations}: a group needs at least 2 rollouts to compare; use 2 or more.")
+        if h.max_completion_length < 1:
+            problems.append(f"max_completion_length={h.max_completion_length}: must be at least 1.")
+        if not h.temperature > 0:
+            problems.append(f"temperature={h.temperature}: must be > 0 (sampling is required for RL).")
+        if not 0 < h.top_p <= 1:
+            problems.append(f"top_p={h.top_p}: must be in (0, 1].")
+        if h.top_k < 0:
+            problems.append(f"top_k={h.top_k}: must be >= 0 (0 turns it off).")
+        if h.beta < 0:
+            problems.append(f"beta={h.beta}: must be >= 0.")
+        if not h.epsilon > 0:
+            problems.append(f"epsilon={h.epsilon}: must be > 0.")
+        for name in ("num_iterations", "steps_per_generation"):
+            if h[name] < 1:
+                problems.append(f"{name}={h[name]}: must be at least 1.")
+        if h.learning_rate <= 0:
+            problems.append(f"learning_rate={h.learning_rate}: must be > 0.")
+        if h.max_grad_norm is not None and h.max_grad_norm <= 0:
+            problems.append(f"max_grad_norm={h.max_grad_norm}: must be > 0, or null for no clipping.")
+        if h.warmup_steps < 0:
+            problems.append(f"warmup_steps={h.warmup_steps}: must be >= 0.")
+        return problems
+
+    # ------------------------------------------------------------------ model and optimizer
+    def prepare_data(self) -> None:
+        """Once per node, before any rank loads: build the tiny local model if it is configured and missing."""
+        ensure_tiny_model(self.policy_config)
+
+    def configure_model(self) -> None:
+        """Load the policy (and the frozen reference when `beta > 0`); Lightning calls this once."""
+        if self.policy is not None:
+            return
+        self.tokenizer = load_tokenizer(self.policy_config)
+        self.policy = load_policy(self.policy_config).train()  # from_pretrained returns eval mode
+        if self.hparams.beta > 0:
+            self.ref_policy = copy.deepcopy(self.policy).requires_grad_(False).eval()
+
+    def configure_optimizers(self) -> Any:
+        self.configure_model()
+        h = self.hparams
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=h.learning_rate, weight_decay=h.weight_decay, betas=tuple(h.adam_betas))
+        scheduler = get_scheduler(h.lr_scheduler_type, optimizer, num_warmup_steps=h.warmup_steps, num_training_steps=self._total_steps())
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _total_steps(self) -> int:
+        trainer = self._trainer
+        if trainer is not None and trainer.max_steps and trainer.max_steps > 0:
+            return trainer.max_steps
+        if self.hparams.lr_scheduler_type in ("linear", "cosine"):
+            raise ConfigError(f"lr_scheduler_type={self.hparams.lr_scheduler_type!r} needs trainer.max_steps to be set.")
+        return 1
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self._trainer, "datamodule", None)
+        batch_size = getattr(datamodule, "batch_size", None)
+        if batch_size is not None and (batch_size * self.hparams.num_generations) % self.hparams.steps_per_generation:
+            raise ConfigError(
+                f"data.batch_size={batch_size} x num_generations={self.hparams.num_generations} rollouts cannot be split "
+                f"into steps_per_generation={self.hparams.steps_per_generation} equal optimizer steps; make the product "
+                "a multiple of steps_per_generation."
+            )
+
+    # ------------------------------------------------------------------ experience
+    def make_sampler(self) -> BatchingSampler:
+        h = self.hparams
+        return BatchingSampler(
+            self.policy, self.tokenizer, max_new_tokens=h.max_completion_length,
+            temperature=h.temperature, top_p=h.top_p, top_k=h.top_k,
+        )
+
+    def rollout(self, records: Sequence[PromptRecord]) -> tuple[list[Trajectory], RewardResult]:
+        """`num_generations` scored rollouts of each record, grouped by record."""
+        h = self.hparams
+        return self.rollouts.collect(records, h.num_generations, self.make_sampler(), h.max_completion_length)
+
+    @torch.no_grad()
+    def gather_experience(self, records: Sequence[PromptRecord]) -> Experience:
+        self.configure_model()
+        h = self.hparams
+        trajectories, scored = self.rollout(records)
+        if self.group_filter is not None:
+            trajectories, scored = self.group_filter(self, records, trajectories, scored)
+        input_ids, attention_mask, completion_mask = pack_trajectories(
+            trajectories, self.tokenizer.pad_token_id, mask_truncated=h.mask_truncated_completions
+        )
+        n = len(trajectories)
+        experience = Experience(
+            input_ids=input_ids, attention_mask=attention_mask, completion_mask=completion_mask,
+            rewards=torch.tensor(scored.total, dtype=torch.float32),
+            advantages=torch.zeros(n), group_std=torch.zeros(n),
+            trajectories=trajectories, reward_result=scored,
+        ).to(self._policy_device())
+        width = experience.completion_width
+        if self.needs_generation_logps:
+            experience.old_logps, _ = completion_logps(self.policy, input_ids.to(self._policy_device()), experience.attention_mask, width, temperature=h.temperature)
+        if self.ref_policy is not None:
+            experience.ref_logps, _ = completion_logps(self.ref_policy, experience.input_ids, experience.attention_mask, width, temperature=h.temperature)
+        experience.advantages, experience.group_std = self.compute_advantages(experience.rewards, experience)
+        return experience
+
+    def _policy_device(self) -> torch.device:
+        return next(self.policy.parameters()).device
+
+    # ------------------------------------------------------------------ loss
+    def compute_loss(
+        self, experience: Experience, num_items_in_batch: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logps, entropy = completion_logps(
+            self.policy, experience.input_ids, experience.attention_mask, experience.completion_width,
+            temperature=self.hparams.temperature, with_entropy=True, entropy_grad=self.entropy_grad,
+        )
+        mask = experience.completion_mask
+        if num_items_in_batch is None:
+            num_items_in_batch = mask.sum()
+        loss, stats = self.policy_objective(logps, entropy, experience, num_items_in_batch)
+        metrics = {
+            "entropy": masked_mean(entropy.detach(), mask),
+            "clip_ratio": stats.clip_ratio,
+            "clip_ratio/low": stats.clip_ratio_low,
+            "clip_ratio/high": stats.clip_ratio_high,
+        }
+        if stats.kl is not None:
+            metrics["kl"] = stats.kl
+        for term in self.extra_loss_terms:
+            value, term_metrics = term(LossInputs(logps, entropy, mask, experience))
+            loss = loss + value
+            metrics.update(term_metrics)
+        return loss, metrics
+
+    # ------------------------------------------------------------------ Lightning loop
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._step_started = time.perf_counter()
+
+    def training_step(self, batch: list[PromptRecord], batch_idx: int) -> None:
+        h = self.hparams
+        experience = self.gather_experience(batch)
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        chunks = experience.split(h.steps_per_generation)
+        # dapo/cispo normalise by the generation batch's tokens per optimizer step, as TRL does.
+        num_items = self._reduce_mean(experience.completion_mask.sum()) / h.steps_per_generation
+        totals: dict[str, float] = {}
+        updates = 0
+        for _ in range(h.num_iterations):
+            for chunk in chunks:
+                loss, metrics = self.compute_loss(chunk, num_items)
+                optimizer.zero_grad()
+                self.manual_backward(loss)
+                if h.max_grad_norm is not None:
+                    self.clip_gradients(optimizer, gradient_clip_val=h.max_grad_norm, gradient_clip_algorithm="norm")
+                optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
+                for key, value in {"loss": loss.detach(), **metrics}.items():
+                    totals[key] = totals.get(key, 0.0) + float(value)
+                updates += 1
+        self._log_generation(experience, {k: v / updates for k, v in totals.items()})
+
+    def _reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
+        if self._trainer is None:
+            return value
+        return self.trainer.strategy.reduce(value.float(), reduce_op="mean")
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # After every update of the generation, so the rate counts rollouts and learning together.
+        elapsed = time.perf_counter() - self._step_started
+        tokens = sum(t.num_policy_tokens for t in self._last_trajectories)
+        self.log("train/tokens_per_second", tokens / max(elapsed, 1e-9), on_step=True, batch_size=1)
+        self.log("train/step_seconds", elapsed, on_step=True, batch_size=1)
+
+    def on_fit_end(self) -> None:
+        self.rollouts.close()
+
+    def _log_generation(self, experience: Experience, update_metrics: dict[str, float]) -> None:
+        scored = experience.reward_result
+        rewards = experience.rewards
+        trajectories = experience.trajectories
+        metrics: dict[str, Any] = {
+            "train/reward": rewards.mean(),
+            "train/reward_std": rewards.std() if rewards.numel() > 1 else torch.zeros(()),
+            "train/completion_length": torch.tensor([float(t.num_policy_tokens) for t in trajectories]).mean(),
+            "train/frac_truncated": torch.tensor([float(t.truncated) for t in trajectories]).mean(),
+            "train/frac_reward_zero_std": (experience.group_std.abs() < 1e-8).float().mean(),
+            "train/learning_rate": torch.tensor(self._current_lr()),
+        }
+        metrics.update({f"train/{k}": torch.tensor(v) for k, v in update_metrics.items()})
+        metrics.update({f"train/rewards/{k}": torch.tensor(v).mean() for k, v in scored.components.items()})
+        metrics.update({f"train/verifiers/{k}": torch.tensor(v, dtype=torch.float32).mean() for k, v in scored.verifier_passed.items()})
+        self.log_dict(metrics, on_step=True, batch_size=len(trajectories))
+        self.log("reward", rewards.mean(), prog_bar=True, on_step=True, logger=False, batch_size=len(trajectories))
+        self._last_trajectories = trajectories
+        self.last_samples = [
+            {"prompt": t.record.prompt, "completion": t.completion_text, "reward": r}
+            for t, r in zip(trajectories[: self.hparams.num_completions_to_keep], scored.total)
+        ]
+
+    def _current_lr(self) -> float:
+        if self._trainer is None or not self.trainer.optimizers:
+            return self.hparams.learning_rate
+        return self.trainer.optimizers[0].param_groups[0]["lr"]

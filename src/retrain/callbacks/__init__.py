@@ -2,5 +2,6 @@
 
 from retrain.callbacks.completions import CompletionsTable
 from retrain.callbacks.reward_curve import RewardCurve, curve_summary
+from retrain.callbacks.rl import DynamicSampling, EntropyBonus, RefModelSync
 
-__all__ = ["CompletionsTable", "RewardCurve", "curve_summary"]
+__all__ = ["CompletionsTable", "DynamicSampling", "EntropyBonus", "RefModelSync", "RewardCurve", "curve_summary"]

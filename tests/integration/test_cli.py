@@ -160,4 +160,4 @@ def test_every_shipped_config_parses(path):
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "class_path: retrain.GRPOTrainer" in result.stdout
+    assert "class_path: retrain." in result.stdout

@@ -75,8 +75,10 @@ class RefModelSync(pl.Callback):
         self.syncs = 0
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if _rl_module(self, pl_module).ref_policy is None:
-            raise ValueError("RefModelSync needs a reference policy, and there is none because beta = 0: set model beta > 0.")
+        module = _rl_module(self, pl_module)
+        if module.ref_policy is None:
+            why = "the reference is the LoRA base model, which stays fixed" if module.has_reference else "beta = 0"
+            raise ValueError(f"RefModelSync needs a separate reference policy, and there is none because {why}: set model beta > 0 (without policy.lora).")
 
     @torch.no_grad()
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:

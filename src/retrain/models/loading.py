@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -16,6 +16,23 @@ from retrain.models.tiny import TinyModelConfig, build_tiny_model
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoraSettings:
+    """Train a LoRA adapter (through PEFT) instead of every weight.
+
+    Attributes:
+        r: adapter rank.
+        alpha: LoRA scaling numerator (the update is scaled by alpha / r).
+        dropout: dropout on the adapter's input.
+        target_modules: module names to adapt, or "all-linear".
+    """
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: Union[str, list[str]] = "all-linear"
 
 
 @dataclass
@@ -31,6 +48,8 @@ class PolicyConfig:
         revision: a branch, tag or commit of the hub repository.
         tiny: build the tiny local model into `name_or_path` if that directory does not exist yet
             (tests and the quickstart; no download).
+        lora: train a LoRA adapter instead of the full model (needs `pip install peft`); the
+            reference policy for `beta > 0` is then the base model with the adapter disabled.
     """
 
     name_or_path: str
@@ -38,6 +57,7 @@ class PolicyConfig:
     trust_remote_code: bool = False
     revision: Optional[str] = None
     tiny: Optional[TinyModelConfig] = None
+    lora: Optional[LoraSettings] = None
 
 
 def load_tokenizer(config: PolicyConfig) -> PreTrainedTokenizerBase:
@@ -56,9 +76,26 @@ def load_policy(config: PolicyConfig) -> PreTrainedModel:
     """The policy model, loaded from the hub or a local directory."""
     ensure_tiny_model(config)
     dtype = "auto" if config.dtype == "auto" else _DTYPES[config.dtype]
-    return AutoModelForCausalLM.from_pretrained(
+    model = AutoModelForCausalLM.from_pretrained(
         config.name_or_path, revision=config.revision, trust_remote_code=config.trust_remote_code, dtype=dtype
     )
+    return model if config.lora is None else _with_lora(model, config.lora)
+
+
+def _with_lora(model: PreTrainedModel, lora: LoraSettings) -> PreTrainedModel:
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ImportError("policy.lora needs PEFT: pip install 'retrain[lora]' (or pip install peft).") from None
+    settings = LoraConfig(
+        task_type="CAUSAL_LM", r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules
+    )
+    return get_peft_model(model, settings)
+
+
+def is_adapter_model(model: torch.nn.Module) -> bool:
+    """Whether `model` carries a PEFT adapter that can be switched off (its base is then the reference)."""
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
 def ensure_tiny_model(config: PolicyConfig) -> None:

@@ -25,7 +25,7 @@ from transformers import get_scheduler
 from retrain.data.records import PromptRecord
 from retrain.environment.base import Environment, Trajectory
 from retrain.environment.single_turn import SingleTurnEnvironment
-from retrain.models.loading import PolicyConfig, ensure_tiny_model, load_policy, load_tokenizer
+from retrain.models.loading import PolicyConfig, ensure_tiny_model, is_adapter_model, load_policy, load_tokenizer
 from retrain.reward.calculator import RewardCalculator, RewardResult
 from retrain.trainer.base import BaseTrainer
 from retrain.trainer.experience import Experience, completion_logps, pack_trajectories
@@ -177,13 +177,27 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
         ensure_tiny_model(self.policy_config)
 
     def configure_model(self) -> None:
-        """Load the policy (and the frozen reference when `beta > 0`); Lightning calls this once."""
+        """Load the policy and, when `beta > 0`, the reference: a frozen copy of the initial policy, or
+        (LoRA) no copy at all, since the base weights with the adapter disabled are the reference."""
         if self.policy is not None:
             return
         self.tokenizer = load_tokenizer(self.policy_config)
         self.policy = load_policy(self.policy_config).train()  # from_pretrained returns eval mode
-        if self.hparams.beta > 0:
+        if self.hparams.beta > 0 and not is_adapter_model(self.policy):
             self.ref_policy = copy.deepcopy(self.policy).requires_grad_(False).eval()
+
+    @property
+    def has_reference(self) -> bool:
+        return self.ref_policy is not None or (self.hparams.beta > 0 and is_adapter_model(self.policy))
+
+    def reference_logps(self, experience: Experience) -> torch.Tensor:
+        """`[N, C]` completion log-probs under the reference policy (no grad)."""
+        args = (experience.input_ids, experience.attention_mask, experience.completion_width)
+        with torch.no_grad():
+            if self.ref_policy is not None:
+                return completion_logps(self.ref_policy, *args, temperature=self.hparams.temperature)[0]
+            with self.policy.disable_adapter():
+                return completion_logps(self.policy, *args, temperature=self.hparams.temperature)[0]
 
     def configure_optimizers(self) -> Any:
         self.configure_model()
@@ -243,9 +257,9 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
         ).to(self._policy_device())
         width = experience.completion_width
         if self.needs_generation_logps:
-            experience.old_logps, _ = completion_logps(self.policy, input_ids.to(self._policy_device()), experience.attention_mask, width, temperature=h.temperature)
-        if self.ref_policy is not None:
-            experience.ref_logps, _ = completion_logps(self.ref_policy, experience.input_ids, experience.attention_mask, width, temperature=h.temperature)
+            experience.old_logps, _ = completion_logps(self.policy, experience.input_ids, experience.attention_mask, width, temperature=h.temperature)
+        if self.has_reference:
+            experience.ref_logps = self.reference_logps(experience)
         experience.advantages, experience.group_std = self.compute_advantages(experience.rewards, experience)
         return experience
 

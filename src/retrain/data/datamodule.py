@@ -53,8 +53,8 @@ class PromptDataModule(pl.LightningDataModule):
         prompts: prompt records written in the config: strings, or objects with a prompt field
             (text or chat messages), an optional answer field and any metadata.
         path: a JSON Lines file of such records (one per line). Give `prompts` or `path`, not both.
-        batch_size: prompts per optimizer step on each device; each becomes `num_generations`
-            rollouts.
+        batch_size: prompts per generation on each device; each becomes `num_generations`
+            rollouts, which `steps_per_generation` may split over several optimizer steps.
         shuffle: visit the records in a seeded random order, reshuffled every pass.
         seed: the shuffle seed.
         prompt_field: the field holding the prompt.

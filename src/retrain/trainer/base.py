@@ -52,8 +52,12 @@ class BaseTrainer(ABC):
         optimizer.zero_grad(set_to_none=True)
         loss, metrics = self.compute_loss(experience)
         loss.backward()
+        self.before_standalone_step(optimizer)
         optimizer.step()
         return {"loss": float(loss.detach()), **{k: float(v) for k, v in metrics.items()}}
+
+    def before_standalone_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Called by `step` between backward and the optimizer step (e.g. to clip gradients)."""
 
     def fit(self, datamodule: "pl.LightningDataModule", ckpt_path: Optional[str] = None, **trainer_kwargs: Any) -> "pl.Trainer":
         """Train with a `lightning.Trainer` built from `trainer_kwargs`; returns the trainer."""

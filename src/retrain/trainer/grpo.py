@@ -36,6 +36,8 @@ class GRPOTrainer(RLTrainer):
         top_entropy_quantile: train only on this top share of tokens by entropy (1.0 = all).
         sapo_temperature_pos: SAPO gate temperature for positive advantages.
         sapo_temperature_neg: SAPO gate temperature for negative advantages.
+        use_bias_correction_kl: weight the per-token KL by the importance ratio (TRL's default),
+            which corrects the KL estimate for rollouts reused off-policy.
         **kwargs: the options shared by every algorithm (`RLTrainer`): num_generations,
             max_completion_length, temperature, beta, epsilon, num_iterations, learning_rate, ...
     """
@@ -50,6 +52,7 @@ class GRPOTrainer(RLTrainer):
         top_entropy_quantile: float = 1.0,
         sapo_temperature_pos: float = 1.0,
         sapo_temperature_neg: float = 1.05,
+        use_bias_correction_kl: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(policy, reward, **kwargs)
@@ -91,5 +94,6 @@ class GRPOTrainer(RLTrainer):
             epsilon=h.epsilon, epsilon_high=h.epsilon_high, loss_type=h.loss_type,
             importance_sampling_level=h.importance_sampling_level, entropy_mask=entropy_mask,
             sapo_temperature_pos=h.sapo_temperature_pos, sapo_temperature_neg=h.sapo_temperature_neg,
+            use_bias_correction_kl=h.use_bias_correction_kl,
             max_completion_length=h.max_completion_length, num_items_in_batch=num_items_in_batch,
         )

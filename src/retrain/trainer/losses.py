@@ -27,6 +27,9 @@ meanings:
 `importance_sampling_level="sequence"` replaces the per-token ratio with one per sequence, the
 exponential of the mean token log-ratio (GSPO, Zheng et al. 2025).
 
+With `beta > 0` the per-token KL is multiplied by the importance ratio (TRL's
+`use_bias_correction_kl`, on by default), which matters only off-policy.
+
 `entropy_mask` (from `high_entropy_mask`) keeps the policy term only on the highest-entropy tokens
 (Wang et al. 2025, "Beyond the 80/20 rule"); the KL term is not masked, as in TRL.
 """
@@ -74,7 +77,9 @@ def high_entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, top_quantile: f
 
     The threshold is the `1 - top_quantile` quantile of the masked entropies (TRL's rule).
     """
-    values = entropy[mask.bool()].float()
+    values = entropy[mask.bool()]
+    if values.dtype not in (torch.float32, torch.float64):
+        values = values.float()  # quantile needs float; keep float64 as is so the threshold is exact
     if values.numel() == 0:
         return torch.zeros_like(mask, dtype=torch.bool)
     threshold = torch.quantile(values, 1 - top_quantile)
@@ -154,6 +159,7 @@ def policy_loss(
     entropy_mask: Optional[torch.Tensor] = None,
     sapo_temperature_pos: float = 1.0,
     sapo_temperature_neg: float = 1.05,
+    use_bias_correction_kl: bool = True,
     max_completion_length: Optional[int] = None,
     num_items_in_batch: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, LossStats]:
@@ -172,6 +178,8 @@ def policy_loss(
         importance_sampling_level: `token` ratios, or one `sequence` ratio (GSPO).
         entropy_mask: `[N, C]` bool, keep the policy term only where True (see `high_entropy_mask`).
         sapo_temperature_pos, sapo_temperature_neg: SAPO gate temperatures.
+        use_bias_correction_kl: multiply the per-token KL by the importance ratio, so the KL of
+            off-policy tokens is estimated for the current policy (TRL's default).
         max_completion_length: the constant of `dr_grpo` (default: `C`).
         num_items_in_batch: active tokens per process in the global batch, for `dapo` and `cispo`
             (default: the local token count).
@@ -194,6 +202,8 @@ def policy_loss(
     kl = None
     if beta > 0:
         per_token_kl = kl_k3(logps, ref_logps)
+        if use_bias_correction_kl:
+            per_token_kl = per_token_kl * ratio
         per_token = per_token + beta * per_token_kl
         kl = masked_mean(per_token_kl.detach(), mask)
     loss = aggregate(per_token, mask, max_completion_length or logps.size(1), num_items_in_batch)
@@ -201,18 +211,20 @@ def policy_loss(
 
 
 def _clip_stats(ratio: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor, clip: ClipRange, loss_type: str, kl: Optional[torch.Tensor]) -> LossStats:
+    """Fractions of clipped tokens (of sequences, for sequence-level ratios), as TRL logs them."""
     if loss_type == "cispo":
         low = torch.zeros_like(ratio)
         high = ((ratio > clip.high) & (adv > 0)).to(mask.dtype)
+    elif loss_type == "sapo":  # a smooth gate: nothing is clipped
+        low = high = torch.zeros_like(ratio)
     else:
         low = ((ratio < 1 - clip.low) & (adv < 0)).to(mask.dtype)
         high = ((ratio > 1 + clip.high) & (adv > 0)).to(mask.dtype)
-    return LossStats(
-        kl=kl,
-        clip_ratio_low=masked_mean(low, mask),
-        clip_ratio_high=masked_mean(high, mask),
-        clip_ratio=masked_mean(torch.clamp(low + high, max=1.0), mask),
-    )
+
+    def mean(x: torch.Tensor) -> torch.Tensor:
+        return x.mean() if x.size(-1) == 1 else masked_mean(x, mask)
+
+    return LossStats(kl=kl, clip_ratio_low=mean(low), clip_ratio_high=mean(high), clip_ratio=mean(torch.clamp(low + high, max=1.0)))
 
 
 def rloo_loss(

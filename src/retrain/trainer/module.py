@@ -20,6 +20,7 @@ from typing import Any, Callable, Literal, Optional, Sequence
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from transformers import get_scheduler
 
 from retrain.data.records import PromptRecord
@@ -216,6 +217,14 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
         return 1
 
     def setup(self, stage: str) -> None:
+        h = self.hparams
+        updates = h.num_iterations * h.steps_per_generation
+        max_steps = getattr(self._trainer, "max_steps", -1)
+        if updates > 1 and max_steps and max_steps > 0 and max_steps % updates:
+            rank_zero_warn(
+                f"trainer.max_steps={max_steps} is not a multiple of the {updates} optimizer updates each generation "
+                f"makes (num_iterations x steps_per_generation): training stops after {-(-max_steps // updates) * updates}."
+            )
         datamodule = getattr(self._trainer, "datamodule", None)
         batch_size = getattr(datamodule, "batch_size", None)
         if batch_size is not None and (batch_size * self.hparams.num_generations) % self.hparams.steps_per_generation:
@@ -319,6 +328,10 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
                     totals[key] = totals.get(key, 0.0) + float(value)
                 updates += 1
         self._log_generation(experience, {k: v / updates for k, v in totals.items()})
+
+    def before_standalone_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.hparams.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], self.hparams.max_grad_norm)
 
     def _reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
         if self._trainer is None:

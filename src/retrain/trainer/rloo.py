@@ -43,7 +43,7 @@ class RLOOTrainer(RLTrainer):
         **kwargs: Any,
     ) -> None:
         super().__init__(policy, reward, beta=beta, **kwargs)
-        self._kl_by_rollout: Optional[torch.Tensor] = None
+        self._batch_kl: Optional[torch.Tensor] = None
 
     def option_problems(self) -> list[str]:
         h, problems = self.hparams, super().option_problems()
@@ -61,7 +61,7 @@ class RLOOTrainer(RLTrainer):
         if h.beta > 0:
             rewards = kl_penalized_rewards(rewards, experience.old_logps, experience.ref_logps, experience.completion_mask, h.beta)
             per_token = experience.old_logps - experience.ref_logps
-            self._kl_by_rollout = masked_mean(per_token, experience.completion_mask)
+            self._batch_kl = masked_mean(per_token, experience.completion_mask)
         result = rloo_advantages(rewards, h.num_generations, h.normalize_advantages)
         return result.advantages, result.group_std
 
@@ -73,4 +73,4 @@ class RLOOTrainer(RLTrainer):
             logps, experience.advantages, experience.completion_mask,
             old_logps=experience.old_logps, epsilon=h.epsilon, epsilon_high=h.epsilon_high,
         )
-        return loss, stats._replace(kl=self._kl_by_rollout)
+        return loss, stats._replace(kl=self._batch_kl)

@@ -39,7 +39,7 @@ class ScriptedPolicy:
         self.generate_calls: list[tuple[list[int], Optional[int]]] = []
         self.encode_calls: list[tuple[Union[str, list[Message]], bool]] = []
 
-    def encode(self, content: Union[str, list[Message]], *, add_generation_prompt: bool = True) -> list[int]:
+    def encode(self, content: Union[str, list[Message]], *, add_generation_prompt: bool = True, tools=None) -> list[int]:
         self.encode_calls.append((content, add_generation_prompt))
         if isinstance(content, str):
             return ids(content)
@@ -47,6 +47,9 @@ class ScriptedPolicy:
         if add_generation_prompt:
             text += "assistant: "
         return ids(text)
+
+    def encode_continuation(self, history, new_messages, *, tools=None) -> list[int]:
+        return self.encode(new_messages)
 
     async def generate(self, context_ids: Sequence[int], max_new_tokens: Optional[int] = None) -> Generation:
         self.generate_calls.append((list(context_ids), max_new_tokens))

@@ -11,6 +11,9 @@ from retrain.environment.base import (
     Turn,
 )
 from retrain.environment.single_turn import SingleTurnEnvironment
+from retrain.environment.tool_env import ToolEnvironment
+from retrain.environment.tool_parsing import parse_tool_calls
+from retrain.environment.tools import TOOLS, FunctionToolProvider, ToolError, ToolProvider, ToolSpec, tool
 
 __all__ = [
     "Environment",
@@ -19,6 +22,14 @@ __all__ = [
     "LLMAction",
     "PolicyClient",
     "SingleTurnEnvironment",
+    "TOOLS",
+    "FunctionToolProvider",
+    "ToolEnvironment",
+    "ToolError",
+    "ToolProvider",
+    "ToolSpec",
+    "parse_tool_calls",
+    "tool",
     "ToolCall",
     "Trajectory",
     "Turn",

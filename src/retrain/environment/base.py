@@ -30,17 +30,30 @@ class ToolCall:
 
 @dataclass
 class LLMAction:
-    """What the policy did in one turn: plain text, or text that carries a tool call."""
+    """What the policy did in one turn: plain text, or text that carries tool calls.
+
+    Attributes:
+        text: everything the policy wrote this turn.
+        tool_calls: the tool calls parsed from `text`, in order.
+        parse_error: why `text` looked like a tool call but could not be parsed (shown to the policy).
+        token_ids: the tokens the policy generated this turn.
+        truncated: generation stopped at the token budget rather than at an end-of-sequence token.
+    """
 
     text: str
-    tool_call: Optional[ToolCall] = None
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    parse_error: Optional[str] = None
     token_ids: list[int] = field(default_factory=list)
     truncated: bool = False
-    """True when generation stopped at the token budget rather than at an end-of-sequence token."""
+
+    @property
+    def tool_call(self) -> Optional[ToolCall]:
+        """The first tool call, if any."""
+        return self.tool_calls[0] if self.tool_calls else None
 
     @property
     def is_tool_call(self) -> bool:
-        return self.tool_call is not None
+        return bool(self.tool_calls)
 
 
 @dataclass
@@ -73,8 +86,18 @@ class Generation:
 class PolicyClient(Protocol):
     """How an environment reaches the policy during a rollout."""
 
-    def encode(self, content: Union[str, list[Message]], *, add_generation_prompt: bool = True) -> list[int]:
-        """Token ids for a prompt: chat messages go through the tokenizer's chat template."""
+    def encode(
+        self, content: Union[str, list[Message]], *, add_generation_prompt: bool = True, tools: Optional[list[dict[str, Any]]] = None
+    ) -> list[int]:
+        """Token ids for a prompt: chat messages go through the tokenizer's chat template (with `tools`)."""
+        ...
+
+    def encode_continuation(
+        self, history: list[Message], new_messages: list[Message], *, tools: Optional[list[dict[str, Any]]] = None
+    ) -> list[int]:
+        """Token ids of `new_messages` (e.g. tool results) appended to a chat `history`, ending with
+        the prompt for the policy's next turn: the chat template's rendering of the whole
+        conversation minus its rendering of `history`."""
         ...
 
     async def generate(self, context_ids: Sequence[int], max_new_tokens: Optional[int] = None) -> Generation:
@@ -104,6 +127,8 @@ class Trajectory:
     completion_ids: list[int] = field(default_factory=list)
     completion_mask: list[int] = field(default_factory=list)
     turns: list[Turn] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+    """Per-episode numbers the environment reports (tool calls, errors, ...); logged as means."""
     budget_exhausted: bool = False
     """The episode ended because the token budget ran out (not by `done` or `max_turns`)."""
 
@@ -157,6 +182,14 @@ class Environment(ABC):
         """Turn generated text into an action (default: plain text, no tool call)."""
         return LLMAction(text=generation.text, token_ids=list(generation.token_ids), truncated=generation.truncated)
 
+    def episode_metrics(self) -> dict[str, float]:
+        """Numbers about the finished episode, logged as `train/env/<name>` means (default: none)."""
+        return {}
+
+    def encode_prompt(self, policy: PolicyClient, observation: EnvironmentObservation) -> list[int]:
+        """Tokens of the first observation, the prompt (default: text as is, messages via the chat template)."""
+        return policy.encode(observation.content)
+
     def encode_observation(self, policy: PolicyClient, observation: EnvironmentObservation) -> list[int]:
         """Tokens of a mid-episode observation appended to the context (default: the text, no template)."""
         content = observation.content
@@ -176,7 +209,7 @@ class Environment(ABC):
         observation = await self.reset(record)
         if observation.content is None:
             raise ValueError(f"{type(self).__name__}.reset() returned an observation with no content (the prompt).")
-        trajectory = Trajectory(record=record, prompt_ids=policy.encode(observation.content))
+        trajectory = Trajectory(record=record, prompt_ids=self.encode_prompt(policy, observation))
         budget = max_completion_tokens
         for turn in range(self.max_turns):
             if budget is not None and budget <= 0:
@@ -198,4 +231,5 @@ class Environment(ABC):
                 budget -= len(observation_ids)
             trajectory.completion_ids += observation_ids
             trajectory.completion_mask += [0] * len(observation_ids)
+        trajectory.metrics = self.episode_metrics()
         return trajectory

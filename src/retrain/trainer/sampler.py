@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -62,10 +62,27 @@ class BatchingSampler:
         self._pending: list[tuple[list[int], int, asyncio.Future]] = []
         self._flush_task: Optional[asyncio.Task] = None
 
-    def encode(self, content: Union[str, list[Message]], *, add_generation_prompt: bool = True) -> list[int]:
+    def encode(
+        self, content: Union[str, list[Message]], *, add_generation_prompt: bool = True, tools: Optional[list[dict[str, Any]]] = None
+    ) -> list[int]:
         if isinstance(content, str):
             return self.tokenizer(content, add_special_tokens=add_generation_prompt)["input_ids"]
-        text = self.tokenizer.apply_chat_template(content, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return self._tokens(self._render(content, add_generation_prompt, tools))
+
+    def encode_continuation(
+        self, history: list[Message], new_messages: list[Message], *, tools: Optional[list[dict[str, Any]]] = None
+    ) -> list[int]:
+        full = self._render([*history, *new_messages], True, tools)
+        prefix = self._render(history, False, tools)
+        # Templates render a conversation append-only, so the new messages are the suffix. Where a
+        # template rewrites earlier turns (rare), render the new messages on their own instead.
+        delta = full[len(prefix) :] if full.startswith(prefix) else self._render(new_messages, True, None)
+        return self._tokens(delta)
+
+    def _render(self, messages: list[Message], add_generation_prompt: bool, tools: Optional[list[dict[str, Any]]]) -> str:
+        return self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def _tokens(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     async def generate(self, context_ids: Sequence[int], max_new_tokens: Optional[int] = None) -> Generation:

@@ -10,6 +10,7 @@ from retrain.environment.base import (
     Trajectory,
     Turn,
 )
+from retrain.environment.gym import GymEnvironment
 from retrain.environment.single_turn import SingleTurnEnvironment
 from retrain.environment.tool_env import ToolEnvironment
 from retrain.environment.tool_parsing import parse_tool_calls
@@ -19,6 +20,7 @@ __all__ = [
     "Environment",
     "EnvironmentObservation",
     "Generation",
+    "GymEnvironment",
     "LLMAction",
     "PolicyClient",
     "SingleTurnEnvironment",

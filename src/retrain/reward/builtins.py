@@ -91,6 +91,14 @@ def contains_penalty(completion: str, texts: Sequence[str] = (), ignore_case: bo
     return -1.0 if any(needle in haystack for needle in needles) else 0.0
 
 
+@reward
+def step_reward_sum(trajectory: Any = None, **_: Any) -> float:
+    """The sum of the environment's step rewards over the episode (e.g. a gymnasium return)."""
+    if trajectory is None:
+        raise ValueError("reward 'step_reward_sum' needs the trajectory.")
+    return float(sum(trajectory.step_rewards))
+
+
 @verifier
 def matches_regex(completion: str, pattern: str = "", **_: Any) -> bool:
     """Passes when the completion contains a match of `pattern`."""

@@ -126,6 +126,9 @@ class Trajectory:
     prompt_ids: list[int]
     completion_ids: list[int] = field(default_factory=list)
     completion_mask: list[int] = field(default_factory=list)
+    completion_turns: list[int] = field(default_factory=list)
+    """For each completion token, the index of the turn it belongs to (an observation belongs to
+    the turn it answers)."""
     turns: list[Turn] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
     """Per-episode numbers the environment reports (tool calls, errors, ...); logged as means."""
@@ -219,6 +222,7 @@ class Environment(ABC):
             action = self.parse_action(generation)
             trajectory.completion_ids += action.token_ids
             trajectory.completion_mask += [1] * len(action.token_ids)
+            trajectory.completion_turns += [turn] * len(action.token_ids)
             observation = await self.step(action)
             trajectory.turns.append(Turn(action=action, observation=observation))
             if budget is not None:
@@ -231,5 +235,6 @@ class Environment(ABC):
                 budget -= len(observation_ids)
             trajectory.completion_ids += observation_ids
             trajectory.completion_mask += [0] * len(observation_ids)
+            trajectory.completion_turns += [turn] * len(observation_ids)
         trajectory.metrics = self.episode_metrics()
         return trajectory

@@ -109,3 +109,53 @@ def kl_penalized_rewards(
     Shapes: rewards `[N]`, log-probs and mask `[N, C]`.
     """
     return rewards - beta * ((old_logps - ref_logps) * mask).sum(-1)
+
+
+def discounted_turn_returns(
+    step_rewards: torch.Tensor, turn_mask: torch.Tensor, final_rewards: torch.Tensor, gamma: float = 1.0
+) -> torch.Tensor:
+    """Per-turn returns `G_t = sum_{k >= t} gamma^(k - t) s_k + gamma^(T - 1 - t) R`.
+
+    Args:
+        step_rewards: `[N, T]` each turn's step reward (0 past an episode's last turn).
+        turn_mask: `[N, T]` 1 on the turns an episode has.
+        final_rewards: `[N]` the rollout-level reward R, received after the last turn.
+        gamma: the discount per turn.
+
+    Returns:
+        `[N, T]` returns (0 on padded turns).
+    """
+    n, t_max = step_rewards.shape
+    returns = torch.zeros_like(step_rewards)
+    running = torch.zeros(n, dtype=step_rewards.dtype, device=step_rewards.device)
+    last = turn_mask.sum(-1).long() - 1  # [N] index of each episode's last turn
+    for t in range(t_max - 1, -1, -1):
+        is_last = (last == t).to(step_rewards.dtype)
+        running = turn_mask[:, t] * (step_rewards[:, t] + gamma * running + is_last * final_rewards)
+        returns[:, t] = running
+    return returns
+
+
+def turn_advantages(
+    returns: torch.Tensor, turn_mask: torch.Tensor, group_size: int, scale_rewards: ScaleRewards = "group"
+) -> torch.Tensor:
+    """Per-turn advantages: each turn's return, centred and scaled by its group's *episode* returns.
+
+    The baseline is the group's mean return from the first turn (the whole episode), so with no
+    step rewards and `gamma = 1` every turn's advantage equals plain GRPO's rollout advantage.
+
+    Args:
+        returns: `[N, T]` from `discounted_turn_returns`.
+        turn_mask: `[N, T]`.
+        group_size: rollouts per prompt.
+        scale_rewards: as in `group_advantages`, applied to the episode returns.
+
+    Returns:
+        `[N, T]` advantages (0 on padded turns).
+    """
+    grouped = returns[:, 0].view(-1, group_size)  # [B, G] episode returns
+    advantages = returns - grouped.mean(dim=1).repeat_interleave(group_size).unsqueeze(1)  # [N, T]
+    scale = _SCALES[scale_rewards]
+    if scale is not None:
+        advantages = advantages / (scale(grouped).repeat_interleave(group_size).unsqueeze(1) + STD_EPS)
+    return torch.nan_to_num(advantages, nan=0.0) * turn_mask

@@ -34,6 +34,7 @@ class Experience:
     group_std: torch.Tensor  # [N]
     old_logps: Optional[torch.Tensor] = None  # [N, C], when a generation feeds several updates
     ref_logps: Optional[torch.Tensor] = None  # [N, C], when beta > 0
+    completion_turns: Optional[torch.Tensor] = None  # [N, C] turn index of each completion token
     trajectories: list[Trajectory] = field(default_factory=list)
     reward_result: Optional[RewardResult] = None
 
@@ -94,6 +95,26 @@ def pack_trajectories(
             if not (mask_truncated and t.truncated):
                 completion_mask[i, :c] = torch.tensor(t.completion_mask, dtype=torch.float32)
     return input_ids, attention_mask, completion_mask
+
+
+def pack_turns(trajectories: Sequence[Trajectory], completion_width: int) -> torch.Tensor:
+    """`[N, C]` the turn index of every completion token (0 on padding, which is masked anyway)."""
+    turns = torch.zeros((len(trajectories), completion_width), dtype=torch.long)
+    for i, t in enumerate(trajectories):
+        if t.completion_turns:
+            turns[i, : len(t.completion_turns)] = torch.tensor(t.completion_turns, dtype=torch.long)
+    return turns
+
+
+def pack_step_rewards(step_rewards: Sequence[Sequence[float]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`([N, T] step rewards, [N, T] turn mask)` from ragged per-episode lists."""
+    width = max(1, max((len(r) for r in step_rewards), default=0))
+    values = torch.zeros((len(step_rewards), width))
+    mask = torch.zeros((len(step_rewards), width))
+    for i, rewards in enumerate(step_rewards):
+        values[i, : len(rewards)] = torch.tensor(list(rewards), dtype=torch.float32)
+        mask[i, : len(rewards)] = 1.0
+    return values, mask
 
 
 def completion_logps(

@@ -9,14 +9,14 @@ prompt yields `num_generations` rollouts.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import torch
 
 from retrain.models.loading import PolicyConfig
 from retrain.reward.calculator import RewardCalculator
-from retrain.trainer.advantages import ScaleRewards, group_advantages
-from retrain.trainer.experience import Experience
+from retrain.trainer.advantages import ScaleRewards, discounted_turn_returns, group_advantages, turn_advantages
+from retrain.trainer.experience import Experience, pack_step_rewards, pack_turns
 from retrain.trainer.losses import LOSS_TYPES, ImportanceSamplingLevel, LossStats, LossType, high_entropy_mask, policy_loss
 from retrain.trainer.module import ConfigError, RLTrainer
 
@@ -38,6 +38,12 @@ class GRPOTrainer(RLTrainer):
         sapo_temperature_neg: SAPO gate temperature for negative advantages.
         use_bias_correction_kl: weight the per-token KL by the importance ratio (TRL's default),
             which corrects the KL estimate for rollouts reused off-policy.
+        step_credit: how multi-turn step rewards reach the loss. `rollout_only`: plain GRPO, every
+            token gets its rollout's advantage from the rollout-level reward. `discounted_return`:
+            each turn's tokens get the advantage of that turn's return (its own and later step
+            rewards, discounted by `gamma`, plus the rollout reward at the end), centred and scaled
+            by the group's episode returns (see src/retrain/trainer/README.md).
+        gamma: per-turn discount of `discounted_return`.
         **kwargs: the options shared by every algorithm (`RLTrainer`): num_generations,
             max_completion_length, temperature, beta, epsilon, num_iterations, learning_rate, ...
     """
@@ -53,6 +59,8 @@ class GRPOTrainer(RLTrainer):
         sapo_temperature_pos: float = 1.0,
         sapo_temperature_neg: float = 1.05,
         use_bias_correction_kl: bool = True,
+        step_credit: Literal["rollout_only", "discounted_return"] = "rollout_only",
+        gamma: float = 1.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(policy, reward, **kwargs)
@@ -72,13 +80,26 @@ class GRPOTrainer(RLTrainer):
                 problems.append("loss_type='cispo' caps the ratio at epsilon_high, which is unset: set epsilon_high (e.g. 5.0).")
         elif h.get("epsilon_high") is not None and h.epsilon_high < h.epsilon:
             problems.append(f"epsilon_high={h.epsilon_high} < epsilon={h.epsilon}: the upper clip range must be >= epsilon.")
+        if h.step_credit not in ("rollout_only", "discounted_return"):
+            problems.append(f"step_credit={h.step_credit!r}: use rollout_only or discounted_return.")
+        if not 0 <= h.gamma <= 1:
+            problems.append(f"gamma={h.gamma}: must be in [0, 1].")
         if h.sapo_temperature_pos <= 0 or h.sapo_temperature_neg <= 0:
             problems.append("sapo_temperature_pos and sapo_temperature_neg must be > 0.")
         return problems
 
     def compute_advantages(self, rewards: torch.Tensor, experience: Experience) -> tuple[torch.Tensor, torch.Tensor]:
-        result = group_advantages(rewards, self.hparams.num_generations, self.hparams.scale_rewards)
-        return result.advantages, result.group_std
+        h = self.hparams
+        if h.step_credit == "rollout_only":
+            result = group_advantages(rewards, h.num_generations, h.scale_rewards)
+            return result.advantages, result.group_std
+        steps, turn_mask = pack_step_rewards(experience.reward_result.step_total)
+        steps, turn_mask = steps.to(rewards.device), turn_mask.to(rewards.device)
+        returns = discounted_turn_returns(steps, turn_mask, rewards, h.gamma)  # [N, T]
+        per_turn = turn_advantages(returns, turn_mask, h.num_generations, h.scale_rewards)  # [N, T]
+        turns = pack_turns(experience.trajectories, experience.completion_width).to(rewards.device)  # [N, C]
+        group_std = group_advantages(returns[:, 0], h.num_generations, "none").group_std
+        return per_turn.gather(1, turns.clamp(max=per_turn.size(1) - 1)), group_std
 
     def policy_objective(
         self, logps: torch.Tensor, entropy: torch.Tensor, experience: Experience, num_items_in_batch: Optional[torch.Tensor]

@@ -360,7 +360,7 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
             "train/frac_reward_zero_std": (experience.group_std.abs() < 1e-8).float().mean(),
             "train/learning_rate": torch.tensor(self._current_lr()),
         }
-        metrics.update(_episode_metrics(trajectories))
+        metrics.update(_episode_metrics(trajectories, scored))
         metrics.update({f"train/{k}": torch.tensor(v) for k, v in update_metrics.items()})
         metrics.update({f"train/rewards/{k}": torch.tensor(v).mean() for k, v in scored.components.items()})
         metrics.update({f"train/verifiers/{k}": torch.tensor(v, dtype=torch.float32).mean() for k, v in scored.verifier_passed.items()})
@@ -378,9 +378,9 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
         return self.trainer.optimizers[0].param_groups[0]["lr"]
 
 
-def _episode_metrics(trajectories: Sequence[Trajectory]) -> dict[str, torch.Tensor]:
-    """Turns, step rewards, the policy-token share of the completions, and environment counters."""
-    turns = [t.step_rewards for t in trajectories]
+def _episode_metrics(trajectories: Sequence[Trajectory], scored: RewardResult) -> dict[str, torch.Tensor]:
+    """Turns, step rewards, the policy-token share of the completions, environment and reward-fault counters."""
+    turns = scored.step_total or [t.step_rewards for t in trajectories]
     steps = [r for episode in turns for r in episode]
     tokens = sum(len(t.completion_ids) for t in trajectories)
     metrics = {
@@ -388,6 +388,11 @@ def _episode_metrics(trajectories: Sequence[Trajectory]) -> dict[str, torch.Tens
         "train/step_reward": torch.tensor(sum(steps) / max(1, len(steps))),
         "train/policy_token_fraction": torch.tensor(sum(t.num_policy_tokens for t in trajectories) / max(1, tokens)),
     }
+    for label, count in scored.errors.items():
+        metrics[f"train/reward_errors/{label}"] = torch.tensor(float(count))
+    for label, values in scored.step_components.items():
+        flat = [v for episode in values for v in episode]
+        metrics[f"train/step_rewards/{label}"] = torch.tensor(sum(flat) / max(1, len(flat)))
     names = sorted({name for t in trajectories for name in t.metrics})
     for name in names:
         metrics[f"train/env/{name}"] = torch.tensor(sum(t.metrics.get(name, 0.0) for t in trajectories) / len(trajectories))

@@ -31,6 +31,7 @@ from retrain.reward.calculator import RewardCalculator, RewardResult
 from retrain.trainer.base import BaseTrainer
 from retrain.trainer.experience import Experience, completion_logps, pack_trajectories
 from retrain.trainer.losses import LossStats, masked_mean
+from retrain.trainer.metrics import MajAtK, PassAtK
 from retrain.trainer.rollout import RolloutEngine
 from retrain.trainer.sampler import BatchingSampler
 
@@ -82,6 +83,11 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
         lr_scheduler_type: learning-rate schedule over `trainer.max_steps` (transformers' schedulers).
         warmup_steps: linear warm-up steps of the schedule.
         num_completions_to_keep: sample completions kept from each step for logging tables.
+        eval_num_generations: samples per prompt (k) in validation and test (default:
+            `num_generations`); pass@k and maj@k are computed over them.
+        eval_temperature: sampling temperature in validation and test (default: `temperature`).
+        eval_success_threshold: a sample counts as correct for pass@k / maj@k when its reward is at
+            least this.
     """
 
     def __init__(
@@ -107,6 +113,9 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
         lr_scheduler_type: SchedulerType = "constant",
         warmup_steps: int = 0,
         num_completions_to_keep: int = 8,
+        eval_num_generations: Optional[int] = None,
+        eval_temperature: Optional[float] = None,
+        eval_success_threshold: float = 1.0,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -124,6 +133,9 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
         self.extra_loss_terms: list[LossTerm] = []  # added by callbacks, e.g. EntropyBonus
         self.entropy_grad = False  # a loss term differentiates through the entropy
         self.group_filter: Optional[GroupFilter] = None  # set by DynamicSampling
+        self.eval_metrics = torch.nn.ModuleDict(
+            {stage: torch.nn.ModuleDict({"pass": PassAtK(), "maj": MajAtK()}) for stage in ("val", "test")}
+        )
         self.last_samples: list[dict[str, Any]] = []
         self._last_trajectories: list[Trajectory] = []
         self._step_started = 0.0
@@ -170,6 +182,10 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
             problems.append(f"max_grad_norm={h.max_grad_norm}: must be > 0, or null for no clipping.")
         if h.warmup_steps < 0:
             problems.append(f"warmup_steps={h.warmup_steps}: must be >= 0.")
+        if h.eval_num_generations is not None and h.eval_num_generations < 1:
+            problems.append(f"eval_num_generations={h.eval_num_generations}: must be >= 1.")
+        if h.eval_temperature is not None and not h.eval_temperature > 0:
+            problems.append(f"eval_temperature={h.eval_temperature}: must be > 0.")
         return problems
 
     # ------------------------------------------------------------------ model and optimizer
@@ -235,11 +251,11 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
             )
 
     # ------------------------------------------------------------------ experience
-    def make_sampler(self) -> BatchingSampler:
+    def make_sampler(self, temperature: Optional[float] = None) -> BatchingSampler:
         h = self.hparams
         return BatchingSampler(
             self.policy, self.tokenizer, max_new_tokens=h.max_completion_length,
-            temperature=h.temperature, top_p=h.top_p, top_k=h.top_k,
+            temperature=temperature or h.temperature, top_p=h.top_p, top_k=h.top_k,
         )
 
     def rollout(self, records: Sequence[PromptRecord]) -> tuple[list[Trajectory], RewardResult]:
@@ -347,6 +363,33 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
 
     def on_fit_end(self) -> None:
         self.rollouts.close()
+
+    # ------------------------------------------------------------------ validation and test
+    def validation_step(self, batch: list[PromptRecord], batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: list[PromptRecord], batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def _evaluate(self, batch: list[PromptRecord], stage: str) -> None:
+        """k samples per held-out prompt through the same environment and rewards; pass@k, maj@k."""
+        self.configure_model()
+        h = self.hparams
+        k = h.eval_num_generations or h.num_generations
+        trajectories, scored = self.rollouts.collect(batch, k, self.make_sampler(h.eval_temperature), h.max_completion_length)
+        rewards = torch.tensor(scored.total)
+        correct = (rewards >= h.eval_success_threshold).view(-1, k)
+        answers = [[t.completion_text.strip() for t in trajectories[i : i + k]] for i in range(0, len(trajectories), k)]
+        metrics = self.eval_metrics[stage]
+        metrics["pass"].update(correct.to(self.device))
+        metrics["maj"].update(answers, correct)
+        n = len(trajectories)
+        self.log(f"{stage}/pass@{k}", metrics["pass"], on_epoch=True, batch_size=n)
+        self.log(f"{stage}/maj@{k}", metrics["maj"], on_epoch=True, batch_size=n)
+        values = {f"{stage}/reward": rewards.mean()}
+        values.update({f"{stage}/rewards/{name}": torch.tensor(v).mean() for name, v in scored.components.items()})
+        values.update({f"{stage}/verifiers/{name}": torch.tensor(v, dtype=torch.float32).mean() for name, v in scored.verifier_passed.items()})
+        self.log_dict(values, on_epoch=True, sync_dist=True, batch_size=n)
 
     def _log_generation(self, experience: Experience, update_metrics: dict[str, float]) -> None:
         scored = experience.reward_result

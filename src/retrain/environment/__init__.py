@@ -11,6 +11,7 @@ from retrain.environment.base import (
     Turn,
 )
 from retrain.environment.gym import GymEnvironment
+from retrain.environment.mcp import MCPServerError, MCPToolProvider
 from retrain.environment.single_turn import SingleTurnEnvironment
 from retrain.environment.tool_env import ToolEnvironment
 from retrain.environment.tool_parsing import parse_tool_calls
@@ -22,6 +23,8 @@ __all__ = [
     "Generation",
     "GymEnvironment",
     "LLMAction",
+    "MCPServerError",
+    "MCPToolProvider",
     "PolicyClient",
     "SingleTurnEnvironment",
     "TOOLS",

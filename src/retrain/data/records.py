@@ -5,7 +5,7 @@ Kept free of torch so environments and reward functions can import it cheaply.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Union
 
 Message = dict[str, Any]
@@ -72,3 +72,18 @@ def record_from_mapping(
         )
     metadata = {k: v for k, v in raw.items() if k not in (prompt_field, answer_field)}
     return PromptRecord(prompt=prompt, answer=raw.get(answer_field), metadata=metadata)
+
+
+def with_system_prompt(record: PromptRecord, system_prompt: str) -> PromptRecord:
+    """`record` as chat messages that start with `system_prompt`, so the chat template applies.
+
+    A text prompt becomes ``[system, user]``; chat messages get the system message first, unless they
+    already start with a system message of their own, which is kept as the more specific one.
+
+    >>> with_system_prompt(PromptRecord(prompt="2+2?"), "Be brief.").prompt
+    [{'role': 'system', 'content': 'Be brief.'}, {'role': 'user', 'content': '2+2?'}]
+    """
+    messages = list(record.prompt) if record.is_chat else [{"role": "user", "content": record.prompt}]
+    if not (messages and messages[0].get("role") == "system"):
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    return replace(record, prompt=messages)

@@ -1,0 +1,116 @@
+"""`ProceduralSource`: prompts made on demand by a user function, endless or of a fixed size.
+
+Record `i` is `fn(random.Random(f"{seed}:{i}"), i)`: each index has its own generator seeded from
+`(seed, i)`, so a record depends on nothing but its index. That is what makes the stream seekable
+(a resumed run regenerates exactly the records it would have seen) and shardable (rank r of w
+takes indices r, r + w, ...) without generating the records it skips.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import random
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from retrain.data.records import PromptRecord, record_from_mapping
+from retrain.data.sources.base import DataSourceError, PromptSource
+
+
+class ProceduralSource(PromptSource):
+    """Records from a generator function ``fn(rng: random.Random, index: int) -> dict``.
+
+    The function returns a prompt string or a mapping with the prompt field (text or chat
+    messages), an optional answer field and any metadata, as a JSONL line would.
+
+    Args:
+        generator: the function, as an import path (``my_tasks.arith:make``) or a file path
+            (``tasks/arith.py:make``, relative to the directory you run retrain in).
+        size: how many records there are; None for an endless stream.
+        seed: seeds every record's generator (with its index).
+        prompt_field: the key holding the prompt.
+        answer_field: the key holding the reference answer.
+    """
+
+    where = "data.source"
+
+    def __init__(
+        self,
+        generator: str,
+        size: Optional[int] = None,
+        seed: int = 0,
+        prompt_field: str = "prompt",
+        answer_field: str = "answer",
+    ) -> None:
+        if size is not None and size < 1:
+            raise DataSourceError(f"ProceduralSource size={size}: must be at least 1, or null for an endless stream.")
+        self.generator = generator
+        self.size = size
+        self.seed = seed
+        self.prompt_field = prompt_field
+        self.answer_field = answer_field
+        self.function = import_callable(generator, "ProceduralSource generator")
+        self._checked = False
+
+    def load(self) -> None:
+        if not self._checked:
+            self.record(0)  # the function runs and returns a valid record before training starts
+            self._checked = True
+
+    @property
+    def num_records(self) -> Optional[int]:
+        return self.size
+
+    def record(self, index: int) -> PromptRecord:
+        if self.size is not None and not 0 <= index < self.size:
+            raise IndexError(f"ProceduralSource index {index} is outside its size {self.size}.")
+        where = f"{self.where}: generator '{self.generator}' at index {index}"
+        try:
+            raw = self.function(random.Random(f"{self.seed}:{index}"), index)
+        except Exception as err:
+            raise DataSourceError(f"{where} raised {type(err).__name__}: {err}") from err
+        try:
+            return record_from_mapping(raw, prompt_field=self.prompt_field, answer_field=self.answer_field, where=where)
+        except ValueError as err:
+            raise DataSourceError(str(err)) from None
+
+
+def import_callable(spec: str, what: str) -> Callable[..., Any]:
+    """The callable named by ``package.module:name`` or ``path/to/file.py:name``.
+
+    Raises:
+        DataSourceError: naming `spec` and what went wrong (bad form, import failure, no such name).
+    """
+    module_part, sep, attribute = spec.rpartition(":")
+    if not sep or not module_part or not attribute:
+        raise DataSourceError(
+            f"{what} '{spec}': expected 'package.module:function' or 'path/to/file.py:function'."
+        )
+    try:
+        module = _load_file(Path(module_part)) if module_part.endswith(".py") else importlib.import_module(module_part)
+    except Exception as err:  # user code: any import failure becomes a located config error
+        raise DataSourceError(f"{what} '{spec}': cannot import '{module_part}': {type(err).__name__}: {err}") from None
+    function = getattr(module, attribute, None)
+    if not callable(function):
+        raise DataSourceError(f"{what} '{spec}': '{module_part}' has no callable named '{attribute}'.")
+    return function
+
+
+def _load_file(file: Path) -> Any:
+    if not file.is_file():
+        raise FileNotFoundError(f"no file '{file}' (resolved to '{file.resolve()}')")
+    name = f"retrain_generator_{file.resolve().stem}_{abs(hash(str(file.resolve())))}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, file)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module

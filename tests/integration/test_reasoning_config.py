@@ -37,3 +37,16 @@ def test_reasoning_gym_config_trains_and_validates(tmp_path):
         assert 0.0 <= float(validated[0][name]) <= 1.0
     trained = [r for r in rows if r.get("train/rewards/reasoning_gym_score")]
     assert len(trained) == 3 and all(math.isfinite(float(r["train/loss"])) for r in trained)
+
+
+def test_retrain_validate_runs_the_held_out_split(tmp_path):
+    os.symlink(REPO / "configs", tmp_path / "configs")
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+    command = [
+        sys.executable, "-m", "retrain.cli", "validate", "--config", "configs/reasoning_gym.yaml",
+        "--trainer.limit_val_batches", "2", "--trainer.enable_progress_bar", "false",
+        "--model.init_args.eval_num_generations", "2", "--data.init_args.batch_size", "2",
+    ]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "val/pass@2" in result.stdout and "val/maj@2" in result.stdout

@@ -50,6 +50,8 @@ class PolicyConfig:
             (tests and the quickstart; no download).
         lora: train a LoRA adapter instead of the full model (needs `pip install peft`); the
             reference policy for `beta > 0` is then the base model with the adapter disabled.
+        gradient_checkpointing: recompute activations in the backward pass instead of storing
+            them (less memory, about a third more compute).
     """
 
     name_or_path: str
@@ -58,6 +60,7 @@ class PolicyConfig:
     revision: Optional[str] = None
     tiny: Optional[TinyModelConfig] = None
     lora: Optional[LoraSettings] = None
+    gradient_checkpointing: bool = False
 
 
 def load_tokenizer(config: PolicyConfig) -> PreTrainedTokenizerBase:
@@ -79,6 +82,9 @@ def load_policy(config: PolicyConfig) -> PreTrainedModel:
     model = AutoModelForCausalLM.from_pretrained(
         config.name_or_path, revision=config.revision, trust_remote_code=config.trust_remote_code, dtype=dtype
     )
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False  # generation turns the cache back on explicitly (eval mode)
     return model if config.lora is None else _with_lora(model, config.lora)
 
 

@@ -14,6 +14,7 @@ updates, so `max_steps` and `every_n_train_steps` are in updates, as in TRL.
 from __future__ import annotations
 
 import copy
+import random
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Optional, Sequence
@@ -363,6 +364,31 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
 
     def on_fit_end(self) -> None:
         self.rollouts.close()
+
+    # ------------------------------------------------------------------ exact resume
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store every rank's random state: sampling continues exactly where the checkpoint was taken."""
+        checkpoint["retrain_rng"] = [
+            gathered.cpu() for gathered in self._gather_states(torch.get_rng_state())
+        ]
+        checkpoint["retrain_python_rng"] = random.getstate()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get("retrain_rng")
+        rank = self.global_rank if self._trainer is not None else 0
+        if states:
+            if rank < len(states):
+                torch.set_rng_state(states[rank].to(torch.uint8))
+            else:  # more ranks than when saved: a fresh, rank-specific stream
+                torch.manual_seed(int(states[0].sum()) + rank)
+        if "retrain_python_rng" in checkpoint:
+            random.setstate(checkpoint["retrain_python_rng"])
+
+    def _gather_states(self, state: torch.Tensor) -> list[torch.Tensor]:
+        if self._trainer is None or self.trainer.world_size == 1:
+            return [state]
+        gathered = self.trainer.strategy.all_gather(state.to(self.device))  # [world, S]
+        return list(gathered.unbind(0))
 
     # ------------------------------------------------------------------ validation and test
     def validation_step(self, batch: list[PromptRecord], batch_idx: int) -> None:

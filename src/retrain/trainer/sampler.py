@@ -49,6 +49,7 @@ class BatchingSampler:
         self.max_new_tokens = max_new_tokens
         self.generation_config = GenerationConfig(
             do_sample=True,
+            use_cache=True,
             temperature=temperature,
             top_p=top_p,
             top_k=top_k,

@@ -58,9 +58,10 @@ class Experience:
         if n % parts:
             raise ValueError(f"{n} rollouts cannot be split into {parts} equal optimizer steps.")
         size = n // parts
-        return [self._rows(slice(i * size, (i + 1) * size)) for i in range(parts)]
+        return [self.rows(slice(i * size, (i + 1) * size)) for i in range(parts)]
 
-    def _rows(self, rows: slice) -> "Experience":
+    def rows(self, rows: slice) -> "Experience":
+        """The rollouts in `rows`, every tensor sliced along its first dimension."""
         values = {}
         for f in fields(self):
             value = getattr(self, f.name)

@@ -101,6 +101,14 @@ class GRPOTrainer(RLTrainer):
         group_std = group_advantages(returns[:, 0], h.num_generations, "none").group_std
         return per_turn.gather(1, turns.clamp(max=per_turn.size(1) - 1)), group_std
 
+    def micro_batch_weight(self, micro: Experience, chunk: Experience) -> float:
+        loss_type = self.hparams.loss_type
+        if loss_type in ("dapo", "cispo"):  # already normalised by the step's token count
+            return 1.0
+        if loss_type == "bnpo":  # a token mean over the local batch
+            return float(micro.completion_mask.sum() / chunk.completion_mask.sum().clamp(min=1.0))
+        return len(micro) / len(chunk)  # grpo, sapo: sequence means; dr_grpo: divides by the row count
+
     def policy_objective(
         self, logps: torch.Tensor, entropy: torch.Tensor, experience: Experience, num_items_in_batch: Optional[torch.Tensor]
     ) -> tuple[torch.Tensor, LossStats]:

@@ -89,6 +89,9 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
         eval_temperature: sampling temperature in validation and test (default: `temperature`).
         eval_success_threshold: a sample counts as correct for pass@k / maj@k when its reward is at
             least this.
+        micro_batch_size: rollouts per forward/backward pass; an optimizer step's rollouts are
+            processed in micro-batches of this size and their gradients accumulated, to bound
+            memory (None = all at once). The result does not depend on it.
     """
 
     def __init__(
@@ -117,6 +120,7 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
         eval_num_generations: Optional[int] = None,
         eval_temperature: Optional[float] = None,
         eval_success_threshold: float = 1.0,
+        micro_batch_size: Optional[int] = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -183,6 +187,8 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
             problems.append(f"max_grad_norm={h.max_grad_norm}: must be > 0, or null for no clipping.")
         if h.warmup_steps < 0:
             problems.append(f"warmup_steps={h.warmup_steps}: must be >= 0.")
+        if h.micro_batch_size is not None and h.micro_batch_size < 1:
+            problems.append(f"micro_batch_size={h.micro_batch_size}: must be >= 1, or null.")
         if h.eval_num_generations is not None and h.eval_num_generations < 1:
             problems.append(f"eval_num_generations={h.eval_num_generations}: must be >= 1.")
         if h.eval_temperature is not None and not h.eval_temperature > 0:
@@ -294,8 +300,19 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
 
     # ------------------------------------------------------------------ loss
     def compute_loss(
-        self, experience: Experience, num_items_in_batch: Optional[torch.Tensor] = None
+        self,
+        experience: Experience,
+        num_items_in_batch: Optional[torch.Tensor] = None,
+        policy_weight: float = 1.0,
+        token_share: float = 1.0,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss on `experience` and its metrics.
+
+        For a micro-batch of a larger step, `policy_weight` scales the algorithm's loss and
+        `token_share` (the micro-batch's share of the step's policy tokens) scales the extra terms,
+        which are token means, so that the micro-batches' losses add up to the step's loss. The
+        metrics are the micro-batch's own, unweighted.
+        """
         logps, entropy = completion_logps(
             self.policy, experience.input_ids, experience.attention_mask, experience.completion_width,
             temperature=self.hparams.temperature, with_entropy=True, entropy_grad=self.entropy_grad,
@@ -303,7 +320,8 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
         mask = experience.completion_mask
         if num_items_in_batch is None:
             num_items_in_batch = mask.sum()
-        loss, stats = self.policy_objective(logps, entropy, experience, num_items_in_batch)
+        policy_loss, stats = self.policy_objective(logps, entropy, experience, num_items_in_batch)
+        loss = policy_loss * policy_weight
         metrics = {
             "entropy": masked_mean(entropy.detach(), mask),
             "clip_ratio": stats.clip_ratio,
@@ -314,7 +332,7 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
             metrics["kl"] = stats.kl
         for term in self.extra_loss_terms:
             value, term_metrics = term(LossInputs(logps, entropy, mask, experience))
-            loss = loss + value
+            loss = loss + value * token_share
             metrics.update(term_metrics)
         return loss, metrics
 
@@ -333,18 +351,42 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
         updates = 0
         for _ in range(h.num_iterations):
             for chunk in chunks:
-                loss, metrics = self.compute_loss(chunk, num_items)
                 optimizer.zero_grad()
-                self.manual_backward(loss)
+                metrics = self._accumulate_gradients(chunk, num_items)
                 if h.max_grad_norm is not None:
                     self.clip_gradients(optimizer, gradient_clip_val=h.max_grad_norm, gradient_clip_algorithm="norm")
                 optimizer.step()
                 if scheduler is not None:
                     scheduler.step()
-                for key, value in {"loss": loss.detach(), **metrics}.items():
-                    totals[key] = totals.get(key, 0.0) + float(value)
+                for key, value in metrics.items():
+                    totals[key] = totals.get(key, 0.0) + value
                 updates += 1
         self._log_generation(experience, {k: v / updates for k, v in totals.items()})
+
+    def _accumulate_gradients(self, chunk: Experience, num_items: torch.Tensor) -> dict[str, float]:
+        """Backward over one optimizer step's rollouts, in micro-batches of `micro_batch_size`.
+
+        Each micro-batch's loss is weighted by its share of the step (`micro_batch_weight`), so the
+        accumulated gradient equals the gradient of the whole step's loss.
+        """
+        size = self.hparams.micro_batch_size or len(chunk)
+        step_tokens = chunk.completion_mask.sum().clamp(min=1.0)
+        metrics: dict[str, float] = {}
+        for start in range(0, len(chunk), size):
+            micro = chunk.rows(slice(start, start + size))
+            share = float(micro.completion_mask.sum() / step_tokens)
+            weight = self.micro_batch_weight(micro, chunk)
+            loss, micro_metrics = self.compute_loss(micro, num_items, policy_weight=weight, token_share=share)
+            self.manual_backward(loss)
+            metrics["loss"] = metrics.get("loss", 0.0) + float(loss.detach())  # the parts add up to the step's loss
+            for key, value in micro_metrics.items():  # the step's metrics: token-weighted means
+                metrics[key] = metrics.get(key, 0.0) + share * float(value)
+        return metrics
+
+    def micro_batch_weight(self, micro: Experience, chunk: Experience) -> float:
+        """The share of the step's loss one micro-batch carries (default: its share of the rollouts,
+        right for losses that average over sequences)."""
+        return len(micro) / len(chunk)
 
     def before_standalone_step(self, optimizer: torch.optim.Optimizer) -> None:
         if self.hparams.max_grad_norm is not None:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
@@ -161,12 +162,12 @@ class PromptDataModule(pl.LightningDataModule):
     # ------------------------------------------------------------------ dataloaders
     def train_dataloader(self) -> DataLoader:
         self.train_stream = PromptStream(self.shard("train"), shuffle=self.shuffle, seed=self.seed, position=self.position)
-        return DataLoader(self.train_stream, batch_size=self.batch_size, collate_fn=collate_records, num_workers=0)
+        return _loader(self.train_stream, self.batch_size)
 
     def _eval_dataloader(self, split: str) -> DataLoader:
         """One pass over `split` in source order, as lists of records."""
         stream = PromptStream(self.shard(split), shuffle=False, seed=self.seed, repeat=False)
-        return DataLoader(stream, batch_size=self.batch_size, collate_fn=collate_records, num_workers=0)
+        return _loader(stream, self.batch_size)
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Count the training records the trainer receives (the stream position a checkpoint stores)."""
@@ -205,6 +206,19 @@ class PromptDataModule(pl.LightningDataModule):
                 f"{self.position.consumed}, but the data setup changed since the checkpoint ({'; '.join(changed)}): "
                 "the resumed run will not see the prompts an uninterrupted run would have."
             )
+
+
+def _loader(stream: PromptStream, batch_size: int) -> DataLoader:
+    """A DataLoader of record lists that leaves torch's global random state alone.
+
+    Every `iter()` of a DataLoader draws a base seed from its `generator`, by default the global
+    one the sampler generates with. On a resume Lightning starts the training iterator after the
+    checkpoint's random state is restored (and every validation starts an eval iterator), so without
+    a private generator that draw would shift the sampling of every later step, and a resumed run
+    would sample differently from the uninterrupted one. The streams need no randomness
+    from it (their shuffle is seeded by `seed` and the pass).
+    """
+    return DataLoader(stream, batch_size=batch_size, collate_fn=collate_records, num_workers=0, generator=torch.Generator())
 
 
 def _keys(split: str) -> str:

@@ -52,6 +52,11 @@ class PolicyConfig:
             reference policy for `beta > 0` is then the base model with the adapter disabled.
         gradient_checkpointing: recompute activations in the backward pass instead of storing
             them (less memory, about a third more compute).
+        sharded_generation: under FSDP2 (`ModelParallelStrategy`), how rollouts sample from the
+            sharded policy: "gathered" all-gathers the full weights once per rollout phase (fast,
+            full weights resident on each device while rolling out); "sharded" keeps them sharded
+            and all-gathers layer by layer at every decoding step (least memory, ranks decode in
+            lockstep). Ignored without FSDP2.
     """
 
     name_or_path: str
@@ -61,6 +66,13 @@ class PolicyConfig:
     tiny: Optional[TinyModelConfig] = None
     lora: Optional[LoraSettings] = None
     gradient_checkpointing: bool = False
+    sharded_generation: Literal["gathered", "sharded"] = "gathered"
+
+
+# Checkpoints keep these in the module's hyperparameters. Allowlisting them lets `torch.load` read a
+# checkpoint with `weights_only=True`: torch's default, and the only mode Lightning uses for the
+# metadata of a sharded (ModelParallelStrategy) checkpoint. They are plain config dataclasses.
+torch.serialization.add_safe_globals([PolicyConfig, LoraSettings, TinyModelConfig])
 
 
 def load_tokenizer(config: PolicyConfig) -> PreTrainedTokenizerBase:

@@ -83,8 +83,13 @@ def build_tiny_model(directory: str | Path, config: TinyModelConfig | None = Non
     # Write beside the target and rename: a concurrent builder (another node on a shared disk) or a
     # crash can never leave a half-written model where a loader would find it.
     staging = directory.with_name(f".{directory.name}.{os.getpid()}.tmp")
+    # transformers 5 writes nothing but on global rank 0 once torch.distributed is initialised; this
+    # build is local (each node's local rank 0 makes its own copy), so this process must write.
+    model.should_save_on_this_rank = lambda is_main_process=True: True
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
+    if not (staging / "config.json").is_file() or not any(staging.glob("model*.safetensors")):
+        raise RuntimeError(f"the tiny model was not written to {staging}")
     try:
         os.replace(staging, directory)
     except OSError:

@@ -35,6 +35,7 @@ from retrain.trainer.losses import LossStats, masked_mean
 from retrain.trainer.metrics import MajAtK, PassAtK
 from retrain.trainer.rollout import RolloutEngine
 from retrain.trainer.sampler import BatchingSampler
+from retrain.trainer.sharding import generation_context, shard_model
 
 SchedulerType = Literal["constant", "constant_with_warmup", "linear", "cosine"]
 
@@ -209,6 +210,10 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
         self.policy = load_policy(self.policy_config).train()  # from_pretrained returns eval mode
         if self.hparams.beta > 0 and not is_adapter_model(self.policy):
             self.ref_policy = copy.deepcopy(self.policy).requires_grad_(False).eval()
+        if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 (retrain.trainer.sharding)
+            for model in (self.policy, self.ref_policy):
+                if model is not None:
+                    shard_model(model, self.device_mesh, generation=self.policy_config.sharded_generation)
 
     @property
     def has_reference(self) -> bool:
@@ -274,9 +279,10 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
     def gather_experience(self, records: Sequence[PromptRecord]) -> Experience:
         self.configure_model()
         h = self.hparams
-        trajectories, scored = self.rollout(records)
-        if self.group_filter is not None:
-            trajectories, scored = self.group_filter(self, records, trajectories, scored)
+        with generation_context(self.policy):  # every rank once: sampling from a sharded policy
+            trajectories, scored = self.rollout(records)
+            if self.group_filter is not None:
+                trajectories, scored = self.group_filter(self, records, trajectories, scored)
         input_ids, attention_mask, completion_mask = pack_trajectories(
             trajectories, self.tokenizer.pad_token_id, mask_truncated=h.mask_truncated_completions
         )
@@ -413,6 +419,10 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
         checkpoint["retrain_rng"] = [
             gathered.cpu() for gathered in self._gather_states(torch.get_rng_state())
         ]
+        if self.device.type == "cuda":  # sampling on a GPU draws from the device's generator
+            checkpoint["retrain_cuda_rng"] = [
+                gathered.cpu() for gathered in self._gather_states(torch.cuda.get_rng_state(self.device))
+            ]
         checkpoint["retrain_python_rng"] = random.getstate()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -422,7 +432,10 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
             if rank < len(states):
                 torch.set_rng_state(states[rank].to(torch.uint8))
             else:  # more ranks than when saved: a fresh, rank-specific stream
-                torch.manual_seed(int(states[0].sum()) + rank)
+                torch.manual_seed(int(states[0].sum()) + rank)  # (seeds every GPU too)
+        cuda_states = checkpoint.get("retrain_cuda_rng")
+        if cuda_states and rank < len(cuda_states) and torch.cuda.is_available():
+            torch.cuda.set_rng_state(cuda_states[rank].to(torch.uint8))  # the rank's device is current by now
         if "retrain_python_rng" in checkpoint:
             random.setstate(checkpoint["retrain_python_rng"])
 
@@ -430,7 +443,9 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
         if self._trainer is None or self.trainer.world_size == 1:
             return [state]
         gathered = self.trainer.strategy.all_gather(state.to(self.device))  # [world, S]
-        return list(gathered.unbind(0))
+        # Each row its own storage: rows of one tensor are views at an offset, and torch.set_rng_state
+        # segfaults on a state tensor with a nonzero storage offset (torch 2.13, CPU).
+        return [row.clone() for row in gathered.unbind(0)]
 
     # ------------------------------------------------------------------ validation and test
     def validation_step(self, batch: list[PromptRecord], batch_idx: int) -> None:
@@ -440,11 +455,24 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
         self._evaluate(batch, "test")
 
     def _evaluate(self, batch: list[PromptRecord], stage: str) -> None:
-        """k samples per held-out prompt through the same environment and rewards; pass@k, maj@k."""
+        """k samples per held-out prompt through the same environment and rewards; pass@k, maj@k.
+
+        Evaluation samples from forked random states, so how often validation runs never changes
+        training's sampling, and a run resumed from a checkpoint taken before a validation (which
+        Lightning does not repeat) continues exactly like the uninterrupted one.
+        """
+        python_state = random.getstate()
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() and self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            self._evaluate_sampled(batch, stage)
+        random.setstate(python_state)
+
+    def _evaluate_sampled(self, batch: list[PromptRecord], stage: str) -> None:
         self.configure_model()
         h = self.hparams
         k = h.eval_num_generations or h.num_generations
-        trajectories, scored = self.rollouts.collect(batch, k, self.make_sampler(h.eval_temperature), h.max_completion_length)
+        with generation_context(self.policy):
+            trajectories, scored = self.rollouts.collect(batch, k, self.make_sampler(h.eval_temperature), h.max_completion_length)
         rewards = torch.tensor(scored.total)
         correct = (rewards >= h.eval_success_threshold).view(-1, k)
         answers = [[t.completion_text.strip() for t in trajectories[i : i + k]] for i in range(0, len(trajectories), k)]

@@ -5,11 +5,18 @@ every episode still in flight is waiting (or until no new request arrives for a 
 turns, e.g. while some episodes wait on a slow tool), then one left-padded, KV-cached, no-grad
 `generate` call serves them all. So G x B single-turn episodes cost one call, and T-turn episodes
 cost T calls, never one per episode.
+
+Under FSDP2 (a policy sharded by `retrain.trainer.sharding.shard_model`), each call follows the
+policy's sharded-generation mode: inside the trainer's `generation_context` the parameters are
+either gathered for the whole rollout phase (no collectives while decoding) or each call joins a
+lockstep round and decodes with `synced_gpus`. Used on its own, the sampler wraps each call in that
+context itself, which is correct when every rank makes the same number of calls.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 from typing import Any, Optional, Sequence, Union
 
@@ -18,6 +25,7 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 
 from retrain.data.records import Message
 from retrain.environment.base import Generation
+from retrain.trainer.sharding import LockstepGeneration, generate_kwargs, generation_context, generation_state
 
 _IDLE_TURNS = 4  # event-loop turns without a new request before a partial batch is served
 
@@ -122,8 +130,16 @@ class BatchingSampler:
         config = copy.copy(self.generation_config)
         config.max_new_tokens = max_new_tokens
         config.min_new_tokens = min(config.min_new_tokens or 0, max_new_tokens)
+        state = generation_state(self.model)
+        context = contextlib.nullcontext() if state is not None else generation_context(self.model)
         try:
-            output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+            with context:
+                state = generation_state(self.model)
+                if isinstance(state, LockstepGeneration):
+                    state.round(True)
+                output = self.model.generate(
+                    input_ids=input_ids, attention_mask=attention_mask, generation_config=config, **generate_kwargs(self.model)
+                )
         finally:
             self.model.train(was_training)
         return output[:, input_ids.size(1) :].tolist()

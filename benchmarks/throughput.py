@@ -1,0 +1,444 @@
+"""GRPO step throughput, side by side with TRL, on the same model, prompts and work.
+
+    python benchmarks/throughput.py                # 4 prompts x 8 generations x 128 tokens, 10 timed steps, 3 repetitions
+    python benchmarks/throughput.py --beta 0.04    # both with a reference model
+    python benchmarks/throughput.py --model-size tiny --steps 2 --repeats 1 --prompts 2 --generations 2 \
+        --completion-length 4                      # smoke test (tests/test_benchmarks.py)
+
+Run it on an otherwise idle machine: with other processes on the cores, every multi-threaded small
+op waits for a descheduled thread and wall times inflate many-fold (`--threads 1` is far less
+sensitive; the table's CPU s/step column helps judge a shared machine).
+
+Both libraries train the same locally built Llama (`--model-size small`: hidden 256, 4 layers, 4
+heads, MLP 1024, character vocabulary, ~4.2M parameters; `tiny`: the quickstart's 89k) on the same
+prompts ("repeat x: ", all the same token length), with the same reward (`letter_fraction`),
+`num_generations`, `max_completion_length`, batch (prompts x generations rollouts per optimizer
+step), learning rate, `loss_type="dapo"`, `beta` (default 0: no reference model), float32 weights,
+no activation checkpointing, one optimizer step per generation. Each library keeps its own
+optimizer implementation (TRL/transformers: fused AdamW; retrain: torch.optim.AdamW) and its own
+loop, because that is what a user of each runs.
+
+Equal work: every completion is forced to exactly `--completion-length` tokens. retrain's
+`BatchingSampler(min_new_tokens=...)` (through a `GRPOTrainer` subclass overriding `make_sampler`)
+and TRL's `GRPOConfig(generation_kwargs={"min_new_tokens": ...})` both suppress the end-of-sequence
+token until the budget is reached, so neither can stop early; each run checks afterwards that every
+step trained on exactly prompts x generations x completion-length completion tokens.
+
+Each library runs in its own subprocess (peak resident memory is per library), alternating
+retrain/TRL and TRL/retrain across repetitions. Time per step is the interval between consecutive
+step ends (a Lightning callback's `on_train_batch_end`, a transformers callback's `on_step_end`),
+so it includes everything the loop does between two updates; the first step (warm-up) is dropped.
+
+FLOP floor. The matmul FLOPs one step needs, with B = prompts x generations rollouts, prompt length
+p, completion length n, S = p + n, hidden size d, L layers, vocabulary V, and W = the weights of
+the decoder's linear layers (L x (4d^2 + 3 d f) for a Llama with f the MLP width):
+
+    attn(k)    = 4 d L k                       per token attending to k positions (QK^T and AV)
+    generation = B [ p 2W + sum_{t=1..p} attn(t)          prefill
+                   + n 2dV                                 one LM-head row per sampled token
+                   + sum_{j=1..n-1} (2W + attn(p + j)) ]   decode the other n - 1 tokens, KV-cached
+    forward    = B [ S 2W + n 2dV + sum_{t=1..S} attn(t) ] policy log-probs of the completion
+    step       = generation + 3 forward (forward + backward) [+ forward for the reference, beta > 0]
+
+The machine's matmul rate R is measured in the same run (float32 1024x1024 `torch.matmul`, best of
+several trials, at `torch.get_num_threads()` threads). floor = step FLOPs / R is the time a step
+would take if every FLOP ran at that rate and nothing else cost anything; "% of floor" is
+floor / measured seconds per step (100% = perfect). Element-wise work (softmax, norms, AdamW) and
+the small-matrix inefficiency of a 4M model are what make it small.
+
+Prints a Markdown table, then one line of JSON; writes benchmarks/results/throughput.{md,json}
+(config, commit, machine, every repetition's raw step times).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import string
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+LIBRARIES = ("retrain", "trl")
+MODEL_SIZES = {  # TinyModelConfig fields
+    "tiny": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "intermediate_size": 128},
+    "small": {"hidden_size": 256, "num_layers": 4, "num_heads": 4, "intermediate_size": 1024},
+}
+CHILD_ENV = {
+    "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled",
+    "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore", "TRANSFORMERS_VERBOSITY": "error",
+}
+
+
+@dataclass
+class Spec:
+    """What both libraries run (one optimizer step = prompts x generations rollouts)."""
+
+    model_dir: str
+    prompts: int
+    generations: int
+    completion_length: int
+    steps: int  # measured steps; one warm-up step runs before them
+    learning_rate: float
+    beta: float
+    threads: int = 0  # torch threads in each run; 0 = torch's default
+    seed: int = 0
+
+    @property
+    def completion_tokens_per_step(self) -> int:
+        return self.prompts * self.generations * self.completion_length
+
+
+def prompt_records(count: int) -> list[dict[str, str]]:
+    """`count` prompts of identical token length ("repeat x: "), cycling through the letters."""
+    letters = string.ascii_lowercase + string.ascii_uppercase
+    return [{"prompt": f"repeat {letters[i % len(letters)]}: ", "answer": letters[i % len(letters)]} for i in range(count)]
+
+
+def letter_fraction_batch(prompts: list, completions: list, answer: list, completion_ids: list, **_: Any) -> list[float]:
+    """TRL's batch form of `retrain.tasks.repeat_letter.letter_fraction`; records the step's token count."""
+    from retrain.tasks.repeat_letter import letter_fraction
+
+    letter_fraction_batch.tokens.append([len(ids) for ids in completion_ids])  # type: ignore[attr-defined]
+    return [letter_fraction(c, a) for c, a in zip(completions, answer)]
+
+
+letter_fraction_batch.tokens = []  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------------------------------- children
+def run_retrain(spec: Spec) -> dict[str, Any]:
+    """`retrain fit`'s path: a GRPOTrainer under lightning.Trainer, timed by a callback."""
+    import lightning.pytorch as pl
+    import torch
+
+    from retrain import GRPOTrainer, PolicyConfig, PromptDataModule, RewardCalculator, RewardSpec
+    from retrain.trainer.sampler import BatchingSampler
+
+    class EqualWorkGRPO(GRPOTrainer):
+        """GRPOTrainer whose sampler cannot stop before `max_completion_length` tokens."""
+
+        completion_lengths: list[list[int]] = []
+
+        def make_sampler(self, temperature: float | None = None) -> BatchingSampler:
+            h = self.hparams
+            return BatchingSampler(
+                self.policy, self.tokenizer, max_new_tokens=h.max_completion_length,
+                temperature=temperature or h.temperature, top_p=h.top_p, top_k=h.top_k,
+                min_new_tokens=h.max_completion_length,
+            )
+
+        def gather_experience(self, records):  # type: ignore[no-untyped-def]
+            experience = super().gather_experience(records)
+            self.completion_lengths.append([int(n) for n in experience.completion_mask.sum(-1).tolist()])
+            return experience
+
+    class StepTimer(pl.Callback):
+        def __init__(self) -> None:
+            self.marks: list[tuple[float, float]] = []  # (wall, CPU) at each step end
+
+        def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            self.marks.append((time.perf_counter(), time.process_time()))
+
+        def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+            self.marks.append((time.perf_counter(), time.process_time()))
+
+    pl.seed_everything(spec.seed, verbose=False)
+    algo = EqualWorkGRPO(
+        policy=PolicyConfig(name_or_path=spec.model_dir),
+        reward=RewardCalculator([RewardSpec(name="retrain.tasks.repeat_letter:letter_fraction")]),
+        num_generations=spec.generations, max_completion_length=spec.completion_length,
+        learning_rate=spec.learning_rate, beta=spec.beta, loss_type="dapo",
+    )
+    data = PromptDataModule(prompts=prompt_records(spec.prompts * (spec.steps + 1)), batch_size=spec.prompts, seed=spec.seed)
+    timer = StepTimer()
+    algo.fit(
+        data, max_steps=spec.steps + 1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
+    )
+    return {"marks": timer.marks, "completion_lengths": EqualWorkGRPO.completion_lengths, "torch_threads": torch.get_num_threads()}
+
+
+def run_trl(spec: Spec, scratch: str) -> dict[str, Any]:
+    """trl.GRPOTrainer with the same options, timed by a TrainerCallback."""
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    class StepTimer(TrainerCallback):
+        def __init__(self) -> None:
+            self.marks: list[tuple[float, float]] = []  # (wall, CPU) at each step end
+
+        def on_train_begin(self, *args: Any, **kwargs: Any) -> None:
+            self.marks.append((time.perf_counter(), time.process_time()))
+
+        def on_step_end(self, *args: Any, **kwargs: Any) -> None:
+            self.marks.append((time.perf_counter(), time.process_time()))
+
+    config = GRPOConfig(
+        output_dir=scratch, report_to="none", use_cpu=True, bf16=False, activation_checkpointing=False,
+        logging_steps=10**9, save_strategy="no", disable_tqdm=True, seed=spec.seed,
+        per_device_train_batch_size=spec.prompts * spec.generations, num_generations=spec.generations,
+        max_completion_length=spec.completion_length, generation_kwargs={"min_new_tokens": spec.completion_length},
+        learning_rate=spec.learning_rate, lr_scheduler_type="constant", max_steps=spec.steps + 1,
+        beta=spec.beta, loss_type="dapo",
+    )
+    timer = StepTimer()
+    trainer = GRPOTrainer(
+        model=spec.model_dir, reward_funcs=letter_fraction_batch, args=config,
+        train_dataset=Dataset.from_list(prompt_records(spec.prompts * (spec.steps + 1))), callbacks=[timer],
+    )
+    trainer.train()
+    return {"marks": timer.marks, "completion_lengths": letter_fraction_batch.tokens, "torch_threads": torch.get_num_threads()}
+
+
+def child_main(library: str, spec: Spec, result_file: str) -> None:
+    started = time.perf_counter()
+    if spec.threads:
+        import torch
+
+        torch.set_num_threads(spec.threads)
+    with tempfile.TemporaryDirectory() as scratch:
+        raw = run_retrain(spec) if library == "retrain" else run_trl(spec, scratch)
+    marks = raw["marks"]
+    result = {
+        "library": library,
+        "warmup_seconds": marks[1][0] - marks[0][0],
+        "step_seconds": [b[0] - a[0] for a, b in zip(marks[1:], marks[2:])],
+        "step_cpu_seconds": [b[1] - a[1] for a, b in zip(marks[1:], marks[2:])],  # all threads' CPU time
+        "completion_lengths": raw["completion_lengths"],
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # ru_maxrss is KiB on Linux
+        "torch_threads": raw["torch_threads"],
+        "process_seconds": time.perf_counter() - started,
+    }
+    Path(result_file).write_text(json.dumps(result))
+
+
+# ---------------------------------------------------------------------------------------- parent
+def build_model(directory: Path, size: str) -> dict[str, Any]:
+    """Write the model once; return its shape and parameter counts for the FLOP floor."""
+    import torch
+
+    from retrain.models.tiny import TinyModelConfig, build_tiny_model
+
+    build_tiny_model(directory, TinyModelConfig(**MODEL_SIZES[size]))
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(directory)
+    body = sum(m.weight.numel() for m in model.model.modules() if isinstance(m, torch.nn.Linear))
+    config = model.config
+    return {
+        "size": size, **MODEL_SIZES[size], "vocab_size": config.vocab_size,
+        "parameters": sum(p.numel() for p in model.parameters()),  # tied embedding counted once
+        "decoder_linear_parameters": body,
+    }
+
+
+def step_flops(model: dict[str, Any], spec: Spec, prompt_length: int) -> dict[str, float]:
+    """Matmul FLOPs of one step (see the module docstring for the formula)."""
+    d, layers, vocab, weights = model["hidden_size"], model["num_layers"], model["vocab_size"], model["decoder_linear_parameters"]
+    batch, p, n = spec.prompts * spec.generations, prompt_length, spec.completion_length
+    s = p + n
+
+    def attn_sum(first: int, last: int) -> float:  # sum of attn(k) for k = first..last
+        return 4 * d * layers * (last * (last + 1) - (first - 1) * first) / 2 if last >= first else 0.0
+
+    generation = batch * (p * 2 * weights + attn_sum(1, p) + n * 2 * d * vocab + (n - 1) * 2 * weights + attn_sum(p + 1, p + n - 1))
+    forward = batch * (s * 2 * weights + n * 2 * d * vocab + attn_sum(1, s))
+    flops = {"generation": generation, "policy_forward_backward": 3 * forward, "reference_forward": forward if spec.beta > 0 else 0.0}
+    flops["total"] = sum(flops.values())
+    return flops
+
+
+def matmul_rate(size: int = 1024, repeats: int = 3, trials: int = 20) -> float:
+    """Best-of-`trials` float32 matmul FLOP/s at the current thread count (short trials, so that on a
+    shared machine at least one of them runs uninterrupted)."""
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.matmul(a, b)
+    best = float("inf")
+    for _ in range(trials):
+        started = time.perf_counter()
+        for _ in range(repeats):
+            torch.matmul(a, b)
+        best = min(best, time.perf_counter() - started)
+    return 2 * size**3 * repeats / best
+
+
+def run_child(library: str, spec: Spec) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as scratch:
+        result_file = Path(scratch) / "result.json"
+        command = [sys.executable, __file__, "--child", library, "--spec", json.dumps(asdict(spec)), "--result-file", str(result_file)]
+        done = subprocess.run(command, cwd=scratch, env={**os.environ, **CHILD_ENV}, capture_output=True, text=True)
+        if done.returncode != 0 or not result_file.is_file():
+            raise RuntimeError(f"{library} run failed (exit {done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+        result = json.loads(result_file.read_text())
+    expected = [spec.completion_length] * (spec.prompts * spec.generations)
+    if len(result["completion_lengths"]) != spec.steps + 1 or any(sorted(lengths) != expected for lengths in result["completion_lengths"]):
+        raise RuntimeError(f"{library}: completions were not all {spec.completion_length} tokens: {result['completion_lengths']}")
+    if len(result["step_seconds"]) != spec.steps:
+        raise RuntimeError(f"{library}: timed {len(result['step_seconds'])} steps, expected {spec.steps}")
+    result["completion_tokens_per_step"] = [sum(lengths) for lengths in result.pop("completion_lengths")]
+    return result
+
+
+def summarize(runs: list[dict[str, Any]], spec: Spec, floor_seconds: float) -> dict[str, dict[str, float]]:
+    rows = {}
+    for library in LIBRARIES:
+        mine = [r for r in runs if r["library"] == library]
+        seconds = statistics.median([t for r in mine for t in r["step_seconds"]])
+        rows[library] = {
+            "seconds_per_step": seconds,
+            "completion_tokens_per_second": spec.completion_tokens_per_step / seconds,
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in mine),
+            "fraction_of_flop_floor": floor_seconds / seconds,
+            "cpu_seconds_per_step": statistics.median([t for r in mine for t in r["step_cpu_seconds"]]),
+            "repeat_medians": [statistics.median(r["step_seconds"]) for r in mine],
+        }
+    rows["retrain"]["ratio_vs_trl"] = {k: v / rows["trl"][k] for k, v in rows["retrain"].items() if k != "repeat_medians"}
+    return rows
+
+
+def markdown(record: dict[str, Any]) -> str:
+    rows, c, m = record["results"], record["config"], record["model"]
+    lines = [
+        f"# GRPO step throughput: retrain vs TRL ({record['commit']}, {record['machine']['summary']})",
+        "",
+        f"Model `{m['size']}`: {m['parameters'] / 1e6:.2f}M parameters (hidden {m['hidden_size']}, {m['num_layers']} layers, "
+        f"vocab {m['vocab_size']}). {c['prompts']} prompts x {c['generations']} generations x {c['completion_length']} "
+        f"completion tokens (prompt {c['prompt_length']} tokens), beta {c['beta']}, {c['steps']} timed steps after 1 warm-up, "
+        f"{c['repeats']} repetitions. FLOP floor {record['flop_floor']['seconds'] * 1e3:.1f} ms/step "
+        f"({record['flop_floor']['flops_per_step'] / 1e9:.2f} GFLOP at {record['flop_floor']['matmul_gflops']:.1f} GFLOP/s).",
+        "",
+        "| library | s/step (median) | completion tok/s | peak RSS MB | % of FLOP floor | s/step vs TRL | CPU s/step |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for library in LIBRARIES:
+        r = rows[library]
+        ratio = r["seconds_per_step"] / rows["trl"]["seconds_per_step"]
+        lines.append(
+            f"| {library} | {r['seconds_per_step']:.3f} | {r['completion_tokens_per_second']:.0f} | {r['peak_rss_mb']:.0f} "
+            f"| {100 * r['fraction_of_flop_floor']:.1f}% | {ratio:.2f}x | {r['cpu_seconds_per_step']:.3f} |"
+        )
+    load = record["machine"]["load_average_1min"]
+    lines += [
+        "",
+        f"s/step vs TRL < 1 means retrain is faster. CPU s/step is the process's CPU time (all threads) per step, "
+        f"less sensitive than wall time to other work on the machine (1-minute load average {load['start']:.1f} at the "
+        f"start, {load['end']:.1f} at the end, on {record['machine']['cpu_count']} CPUs).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps per run (after one warm-up step)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each library, alternating")
+    parser.add_argument("--prompts", type=int, default=4, help="prompts per step")
+    parser.add_argument("--generations", type=int, default=8, help="num_generations (rollouts per prompt)")
+    parser.add_argument("--completion-length", type=int, default=128, help="max_completion_length; every completion is forced to it")
+    parser.add_argument("--model-size", choices=sorted(MODEL_SIZES), default="small")
+    parser.add_argument("--beta", type=float, default=0.0, help="KL coefficient for both (> 0 adds a reference model)")
+    parser.add_argument("--learning-rate", type=float, default=1e-5)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads for both libraries (0 = torch's default)")
+    parser.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"))
+    parser.add_argument("--child", choices=LIBRARIES, help=argparse.SUPPRESS)
+    parser.add_argument("--spec", help=argparse.SUPPRESS)
+    parser.add_argument("--result-file", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    """Build the model, run every repetition, and return the full record."""
+    import torch
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started, load_before = time.perf_counter(), os.getloadavg()
+    if load_before[0] > 0.5:
+        print(f"warning: load average {load_before[0]:.1f} on {os.cpu_count()} CPUs before starting: other work will "
+              "inflate these timings (multi-threaded small ops suffer most).", file=sys.stderr)
+    with tempfile.TemporaryDirectory() as scratch:
+        model_dir = Path(scratch) / "model"
+        model = build_model(model_dir, args.model_size)
+        spec = Spec(str(model_dir), args.prompts, args.generations, args.completion_length, args.steps, args.learning_rate,
+                    args.beta, args.threads)
+        prompt_length = len(AutoTokenizer.from_pretrained(model_dir)(prompt_records(1)[0]["prompt"])["input_ids"])
+        rate = matmul_rate()
+        runs = []
+        for repeat in range(args.repeats):  # ABBA order, so drift in machine load hits both alike
+            for library in LIBRARIES if repeat % 2 == 0 else LIBRARIES[::-1]:
+                runs.append({**run_child(library, spec), "repeat": repeat})
+        rate = max(rate, matmul_rate())  # once more at the end: the better of the two
+    flops = step_flops(model, spec, prompt_length)
+    floor = flops["total"] / rate
+    return {
+        "benchmark": "throughput",
+        "commit": _commit(),
+        "machine": _machine(load_before[0]),
+        "config": {**{k: v for k, v in asdict(spec).items() if k != "model_dir"}, "repeats": args.repeats,
+                   "prompt_length": prompt_length, "completion_tokens_per_step": spec.completion_tokens_per_step},
+        "model": model,
+        "flop_floor": {"flops_per_step": flops["total"], "by_phase": flops, "matmul_gflops": rate / 1e9, "seconds": floor},
+        "results": summarize(runs, spec, floor),
+        "runs": runs,
+        "wall_seconds": time.perf_counter() - started,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.child:
+        return child_main(args.child, Spec(**json.loads(args.spec)), args.result_file)
+    record = run_benchmark(args)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table = markdown(record)
+    (out / "throughput.md").write_text(table)
+    (out / "throughput.json").write_text(json.dumps(record, indent=1) + "\n")
+    print(table)
+    print(json.dumps({k: record[k] for k in ("benchmark", "commit", "config", "flop_floor", "results", "wall_seconds")}))
+
+
+def _commit() -> str:
+    """The short commit, marked `+dirty` when src/ has uncommitted changes."""
+    git = ["git", "-C", str(REPO)]
+    commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run([*git, "status", "--porcelain", "src"], capture_output=True, text=True).stdout.strip()
+    return commit + ("+dirty" if dirty else "")
+
+
+def _machine(load_at_start: float) -> dict[str, Any]:
+    import torch
+
+    threads = torch.get_num_threads()
+    return {
+        "summary": f"{platform.machine()}, {os.cpu_count()} CPUs, {threads} torch threads",
+        "platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
+        "torch_threads": threads, "python": platform.python_version(), "versions": _versions(),
+        "load_average_1min": {"start": load_at_start, "end": os.getloadavg()[0]},
+    }
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    return {name: version(name) for name in ("torch", "transformers", "trl", "lightning", "retrain")}
+
+
+if __name__ == "__main__":
+    main()

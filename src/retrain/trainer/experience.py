@@ -142,7 +142,9 @@ def completion_logps(
         use_cache=False,
         logits_to_keep=completion_width + 1,
     ).logits
-    logits = logits[:, :-1, :] / temperature  # [N, C, V]: the logit at t predicts token t + 1
+    logits = logits[:, :-1, :]  # [N, C, V]: the logit at t predicts token t + 1
+    if temperature != 1.0:  # skip a full copy of the logits in the common case
+        logits = logits / temperature
     targets = input_ids[:, -completion_width:]  # [N, C]
     logps = selective_log_softmax(logits, targets)
     entropy = None

@@ -232,7 +232,13 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
         self.configure_model()
         h = self.hparams
         params = [p for p in self.policy.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=h.learning_rate, weight_decay=h.weight_decay, betas=tuple(h.adam_betas))
+        # The fused kernel (as TRL uses) is ~3x faster per step on CPU and GPU. Lightning's mixed
+        # precision plugins refuse to clip gradients for fused optimizers, so those keep the loop.
+        mixed = self._trainer is not None and "mixed" in str(self.trainer.precision)
+        fused = not mixed and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+        optimizer = torch.optim.AdamW(
+            params, lr=h.learning_rate, weight_decay=h.weight_decay, betas=tuple(h.adam_betas), fused=fused or None
+        )
         scheduler = get_scheduler(h.lr_scheduler_type, optimizer, num_warmup_steps=h.warmup_steps, num_training_steps=self._total_steps())
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

@@ -251,6 +251,10 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
         return 1
 
     def setup(self, stage: str) -> None:
+        if stage == "fit" and self._trainer is not None and self.trainer.world_size > 1:
+            # seed_everything gives every rank the same seed; rollouts must differ per rank (as in
+            # TRL). A resumed run then restores each rank's own saved state over this.
+            torch.manual_seed(torch.initial_seed() + self.global_rank)
         h = self.hparams
         updates = h.num_iterations * h.steps_per_generation
         max_steps = getattr(self._trainer, "max_steps", -1)

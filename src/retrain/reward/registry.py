@@ -52,7 +52,7 @@ class Registry:
         if name in self._functions:
             return self._functions[name]
         if ":" in name or "." in name:
-            return _import_function(name, self.kind)
+            return import_function(name, self.kind)
         raise KeyError(
             f"Unknown {self.kind} '{name}'. Registered {self.kind}s: {', '.join(self.names()) or 'none'}. "
             f"Or give an import path ('package.module:function') or a file path ('path/to/file.py:function')."
@@ -63,7 +63,12 @@ def _qualified_name(function: Callable[..., Any]) -> str:
     return f"{getattr(function, '__module__', '?')}.{getattr(function, '__qualname__', repr(function))}"
 
 
-def _import_function(path: str, kind: str) -> Callable[..., Any]:
+def import_function(path: str, kind: str) -> Callable[..., Any]:
+    """The callable at `package.module:name`, `package.module.name` or `path/to/file.py:name`.
+
+    Raises:
+        KeyError: naming `kind`, the path and what failed (import error, no such callable).
+    """
     if ":" in path:
         module_part, attribute = path.rsplit(":", 1)
     else:

@@ -369,15 +369,19 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
             for chunk in chunks:
                 optimizer.zero_grad()
                 metrics = self._accumulate_gradients(chunk, num_items)
-                if h.max_grad_norm is not None:
-                    self.clip_gradients(optimizer, gradient_clip_val=h.max_grad_norm, gradient_clip_algorithm="norm")
-                optimizer.step()
+                optimizer.step()  # clips in on_before_optimizer_step, after any loss-scaler unscale
                 if scheduler is not None:
                     scheduler.step()
                 for key, value in metrics.items():
                     totals[key] = totals.get(key, 0.0) + value
                 updates += 1
         self._log_generation(experience, {k: v / updates for k, v in totals.items()})
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Lightning calls this inside optimizer.step(), after a 16-mixed scaler has unscaled the
+        # gradients: clipping here clips the true gradient norm.
+        if self.hparams.max_grad_norm is not None:
+            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.max_grad_norm, gradient_clip_algorithm="norm")
 
     def _accumulate_gradients(self, chunk: Experience, num_items: torch.Tensor) -> dict[str, float]:
         """Backward over one optimizer step's rollouts, in micro-batches of `micro_batch_size`.
@@ -440,7 +444,7 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
         rank = self.global_rank if self._trainer is not None else 0
         if states:
             if rank < len(states):
-                torch.set_rng_state(states[rank].to(torch.uint8))
+                torch.set_rng_state(states[rank].clone().to(torch.uint8))  # a fresh tensor: views of a gathered one crash
             else:  # more ranks than when saved: a fresh, rank-specific stream
                 torch.manual_seed(int(states[0].sum()) + rank)  # (seeds every GPU too)
         cuda_states = checkpoint.get("retrain_cuda_rng")

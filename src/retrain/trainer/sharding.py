@@ -104,9 +104,11 @@ def shard_model(
     for layer in decoder_layers(model):
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)
-    # `generate` must enter through the root's hooks: a PEFT model's `generate` calls the base
-    # model's forward, never its own, and FSDP2 takes the first module run as the root.
-    if hasattr(model, "generate"):
+    # A PEFT model's `generate` runs the base model's forward, never its own (the FSDP2 root's), so
+    # FSDP2 would initialise a layer as the root: run the root's hooks around `generate` itself.
+    # Not for a plain transformers model: its `generate` calls its own forward, and the nested hooks
+    # would reshard the root after every call.
+    if hasattr(model, "peft_config") and hasattr(model, "generate"):
         register_fsdp_forward_method(model, "generate")
     setattr(model, _MODE_ATTR, generation)
     return model

@@ -8,15 +8,12 @@ takes indices r, r + w, ...) without generating the records it skips.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import random
-import sys
-from pathlib import Path
 from typing import Any, Callable, Optional
 
 from retrain.data.records import PromptRecord, record_from_mapping
 from retrain.data.sources.base import DataSourceError, PromptSource
+from retrain.reward.registry import import_function
 
 
 class ProceduralSource(PromptSource):
@@ -89,28 +86,6 @@ def import_callable(spec: str, what: str) -> Callable[..., Any]:
             f"{what} '{spec}': expected 'package.module:function' or 'path/to/file.py:function'."
         )
     try:
-        module = _load_file(Path(module_part)) if module_part.endswith(".py") else importlib.import_module(module_part)
-    except Exception as err:  # user code: any import failure becomes a located config error
-        raise DataSourceError(f"{what} '{spec}': cannot import '{module_part}': {type(err).__name__}: {err}") from None
-    function = getattr(module, attribute, None)
-    if not callable(function):
-        raise DataSourceError(f"{what} '{spec}': '{module_part}' has no callable named '{attribute}'.")
-    return function
-
-
-def _load_file(file: Path) -> Any:
-    if not file.is_file():
-        raise FileNotFoundError(f"no file '{file}' (resolved to '{file.resolve()}')")
-    name = f"retrain_generator_{file.resolve().stem}_{abs(hash(str(file.resolve())))}"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, file)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[name]
-        raise
-    return module
+        return import_function(spec, what)
+    except KeyError as err:  # already names the path and the failure
+        raise DataSourceError(str(err.args[0])) from None

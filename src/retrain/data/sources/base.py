@@ -43,7 +43,29 @@ class PromptSource(ABC):
         """The record at `index` (0-based; any index >= 0 for an endless source)."""
 
 
-class ListSource(PromptSource):
+class _ReadOnceSource(PromptSource):
+    """A source whose records are all read into memory on the first `load()` (by `_read`)."""
+
+    _records: Optional[list[PromptRecord]] = None
+
+    def _read(self) -> list[PromptRecord]:
+        raise NotImplementedError
+
+    def load(self) -> None:
+        if self._records is None:
+            self._records = self._read()
+
+    @property
+    def num_records(self) -> int:
+        self.load()
+        return len(self._records)
+
+    def record(self, index: int) -> PromptRecord:
+        self.load()
+        return self._records[index]
+
+
+class ListSource(_ReadOnceSource):
     """Prompt records written in the config.
 
     Args:
@@ -61,24 +83,14 @@ class ListSource(PromptSource):
         self.prompts = prompts
         self.prompt_field = prompt_field
         self.answer_field = answer_field
-        self._records: Optional[list[PromptRecord]] = None
 
-    def load(self) -> None:
-        if self._records is None:
-            fields = {"prompt_field": self.prompt_field, "answer_field": self.answer_field}
-            self._records = records_from_list(self.prompts, **fields, where=self.where)
-
-    @property
-    def num_records(self) -> int:
-        self.load()
-        return len(self._records)
-
-    def record(self, index: int) -> PromptRecord:
-        self.load()
-        return self._records[index]
+    def _read(self) -> list[PromptRecord]:
+        fields = {"prompt_field": self.prompt_field, "answer_field": self.answer_field}
+        return records_from_list(self.prompts, **fields, where=self.where)
 
 
-class JSONLSource(PromptSource):
+
+class JSONLSource(_ReadOnceSource):
     """A JSON Lines file: one JSON object (or string) per line; blank lines are skipped.
 
     Args:
@@ -93,24 +105,14 @@ class JSONLSource(PromptSource):
         self.path = path
         self.prompt_field = prompt_field
         self.answer_field = answer_field
-        self._records: Optional[list[PromptRecord]] = None
         if not Path(path).is_file():
             # Checked at instantiation, so a typo fails before any model is loaded.
             raise DataSourceError(_missing_file_message(self.where, path))
 
-    def load(self) -> None:
-        if self._records is None:
-            fields = {"prompt_field": self.prompt_field, "answer_field": self.answer_field}
-            self._records = records_from_jsonl(self.path, **fields, where=self.where)
+    def _read(self) -> list[PromptRecord]:
+        fields = {"prompt_field": self.prompt_field, "answer_field": self.answer_field}
+        return records_from_jsonl(self.path, **fields, where=self.where)
 
-    @property
-    def num_records(self) -> int:
-        self.load()
-        return len(self._records)
-
-    def record(self, index: int) -> PromptRecord:
-        self.load()
-        return self._records[index]
 
 
 def _missing_file_message(where: str, path: Union[str, Path]) -> str:

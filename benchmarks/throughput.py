@@ -69,6 +69,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 LIBRARIES = ("retrain", "trl")
+# retrain's step, split by where the time goes (the rest of a step is the optimizer and the loop itself)
+PHASES = ("generation", "rollout_rest", "forward_and_loss", "backward")
 MODEL_SIZES = {  # TinyModelConfig fields
     "tiny": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "intermediate_size": 128},
     "small": {"hidden_size": 256, "num_layers": 4, "num_heads": 4, "intermediate_size": 1024},
@@ -124,23 +126,47 @@ def run_retrain(spec: Spec) -> dict[str, Any]:
     from retrain import GRPOTrainer, PolicyConfig, PromptDataModule, RewardCalculator, RewardSpec
     from retrain.trainer.sampler import BatchingSampler
 
+    phases: dict[str, list[float]] = {name: [] for name in PHASES}  # seconds per step, one entry per step
+
+    def timed(name: str, call: Any, *args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return call(*args, **kwargs)
+        finally:
+            phases[name][-1] += time.perf_counter() - started
+
+    class TimedSampler(BatchingSampler):
+        def _generate_batch(self, contexts, max_new_tokens):  # type: ignore[no-untyped-def]
+            return timed("generation", super()._generate_batch, contexts, max_new_tokens)
+
     class EqualWorkGRPO(GRPOTrainer):
-        """GRPOTrainer whose sampler cannot stop before `max_completion_length` tokens."""
+        """GRPOTrainer whose sampler cannot stop before `max_completion_length` tokens, timing its phases."""
 
         completion_lengths: list[list[int]] = []
 
         def make_sampler(self, temperature: float | None = None) -> BatchingSampler:
             h = self.hparams
-            return BatchingSampler(
+            return TimedSampler(
                 self.policy, self.tokenizer, max_new_tokens=h.max_completion_length,
                 temperature=temperature or h.temperature, top_p=h.top_p, top_k=h.top_k,
-                min_new_tokens=h.max_completion_length,
+                min_new_tokens=h.max_completion_length, backend=h.generation_backend,
             )
 
+        def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+            for values in phases.values():
+                values.append(0.0)
+            return super().training_step(batch, batch_idx)
+
         def gather_experience(self, records):  # type: ignore[no-untyped-def]
-            experience = super().gather_experience(records)
+            experience = timed("rollout_rest", super().gather_experience, records)
             self.completion_lengths.append([int(n) for n in experience.completion_mask.sum(-1).tolist()])
             return experience
+
+        def compute_loss(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            return timed("forward_and_loss", super().compute_loss, *args, **kwargs)
+
+        def manual_backward(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            return timed("backward", super().manual_backward, *args, **kwargs)
 
     class StepTimer(pl.Callback):
         def __init__(self) -> None:
@@ -165,7 +191,10 @@ def run_retrain(spec: Spec) -> dict[str, Any]:
         data, max_steps=spec.steps + 1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
     )
-    return {"marks": timer.marks, "completion_lengths": EqualWorkGRPO.completion_lengths, "torch_threads": torch.get_num_threads()}
+    # gather_experience's time includes generation: keep only the rest (episodes, rewards, packing, advantages)
+    phases["rollout_rest"] = [total - gen for total, gen in zip(phases["rollout_rest"], phases["generation"])]
+    return {"marks": timer.marks, "completion_lengths": EqualWorkGRPO.completion_lengths, "torch_threads": torch.get_num_threads(),
+            "phases": phases}
 
 
 def run_trl(spec: Spec, scratch: str) -> dict[str, Any]:
@@ -217,6 +246,7 @@ def child_main(library: str, spec: Spec, result_file: str) -> None:
         "step_seconds": [b[0] - a[0] for a, b in zip(marks[1:], marks[2:])],
         "step_cpu_seconds": [b[1] - a[1] for a, b in zip(marks[1:], marks[2:])],  # all threads' CPU time
         "completion_lengths": raw["completion_lengths"],
+        "phase_seconds": {name: values[1:] for name, values in raw.get("phases", {}).items()},  # timed steps only
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # ru_maxrss is KiB on Linux
         "torch_threads": raw["torch_threads"],
         "process_seconds": time.perf_counter() - started,
@@ -310,6 +340,23 @@ def summarize(runs: list[dict[str, Any]], spec: Spec, floor_seconds: float) -> d
     return rows
 
 
+def breakdown(runs: list[dict[str, Any]], flops: dict[str, float], rate: float) -> dict[str, Any]:
+    """retrain's median seconds per step in each phase, and generation's and training's own % of their FLOP floors."""
+    mine = [r for r in runs if r["library"] == "retrain" and r.get("phase_seconds")]
+    if not mine:
+        return {}
+    seconds = {name: statistics.median([t for r in mine for t in r["phase_seconds"][name]]) for name in PHASES}
+    step = statistics.median([t for r in mine for t in r["step_seconds"]])
+    seconds["optimizer_and_loop"] = max(0.0, step - sum(seconds.values()))
+    training = seconds["forward_and_loss"] + seconds["backward"]
+    return {
+        "seconds": seconds,
+        "share_of_step": {name: value / step for name, value in seconds.items()},
+        "generation_fraction_of_floor": flops["generation"] / rate / seconds["generation"] if seconds["generation"] else None,
+        "training_fraction_of_floor": flops["policy_forward_backward"] / rate / training if training else None,
+    }
+
+
 def markdown(record: dict[str, Any]) -> str:
     rows, c, m = record["results"], record["config"], record["model"]
     lines = [
@@ -331,6 +378,13 @@ def markdown(record: dict[str, Any]) -> str:
             f"| {library} | {r['seconds_per_step']:.3f} | {r['completion_tokens_per_second']:.0f} | {r['peak_rss_mb']:.0f} "
             f"| {100 * r['fraction_of_flop_floor']:.1f}% | {ratio:.2f}x | {r['cpu_seconds_per_step']:.3f} |"
         )
+    split = record.get("retrain_breakdown")
+    if split:
+        parts = ", ".join(f"{name.replace('_', ' ')} {value:.3f} s ({100 * split['share_of_step'][name]:.0f}%)"
+                          for name, value in split["seconds"].items())
+        lines += ["", f"Where retrain's step goes (medians): {parts}. Generation runs at "
+                      f"{100 * split['generation_fraction_of_floor']:.1f}% of its FLOP floor, the policy's forward and backward at "
+                      f"{100 * split['training_fraction_of_floor']:.1f}% of theirs."]
     load = record["machine"]["load_average_1min"]
     lines += [
         "",
@@ -395,6 +449,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "model": model,
         "flop_floor": {"flops_per_step": flops["total"], "by_phase": flops, "matmul_gflops": rate / 1e9, "seconds": floor},
         "results": summarize(runs, spec, floor),
+        "retrain_breakdown": breakdown(runs, flops, rate),
         "runs": runs,
         "wall_seconds": time.perf_counter() - started,
     }

@@ -1,7 +1,9 @@
-"""Smoke test of benchmarks/throughput.py: both libraries run the smallest configuration end to end.
+"""Smoke tests of the benchmarks: both libraries run the smallest configuration end to end.
 
-Checks the program, not the numbers: each library's row exists and is finite and positive, and every
-step did the same work (the benchmark itself fails if a completion stopped short of its budget).
+Checks the programs, not the numbers. throughput.py: each library's row exists and is finite and
+positive, and every step did the same work (the benchmark itself fails if a completion stopped short
+of its budget). learning.py: each library has a reward for every step, and the table and plot are
+written.
 """
 
 from __future__ import annotations
@@ -41,3 +43,30 @@ def test_throughput_smoke(tmp_path: Path) -> None:
         assert runs[0]["completion_tokens_per_step"] == [16, 16, 16]  # warm-up + 2 timed steps, all full length
     assert all(math.isfinite(v) and v > 0 for v in record["results"]["retrain"]["ratio_vs_trl"].values())
     assert record["flop_floor"]["flops_per_step"] > 0 and record["model"]["parameters"] > 0
+    split = record["retrain_breakdown"]  # where retrain's step goes: every phase measured, none over the step
+    assert set(split["seconds"]) == {"generation", "rollout_rest", "forward_and_loss", "backward", "optimizer_and_loop"}
+    assert split["seconds"]["generation"] > 0 and split["seconds"]["backward"] > 0
+    assert all(share >= 0 for share in split["share_of_step"].values()) and sum(split["share_of_step"].values()) >= 0.95
+
+
+def test_learning_smoke(tmp_path: Path) -> None:
+    command = [
+        sys.executable, str(REPO / "benchmarks" / "learning.py"), "--steps", "2", "--seeds", "0", "--prompts", "2",
+        "--generations", "2", "--completion-length", "4", "--out-dir", str(tmp_path),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+    record = json.loads((tmp_path / "learning.json").read_text())
+    summary = json.loads(done.stdout.strip().splitlines()[-1])  # last line: the JSON summary
+    assert summary["results"] == record["results"] and summary["verdict"] == record["verdict"]
+    assert "| retrain |" in (tmp_path / "learning.md").read_text()
+    assert (tmp_path / "learning.png").read_bytes().startswith(b"\x89PNG")
+    assert record["config"]["steps"] == 2 and record["config"]["seeds"] == [0]
+    for library in ("retrain", "trl"):
+        runs = [r for r in record["runs"] if r["library"] == library]
+        assert len(runs) == 1 and len(runs[0]["rewards"]) == 2
+        assert all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in runs[0]["rewards"]), runs[0]["rewards"]
+        row = record["results"][library]
+        assert 0.0 <= row["last_10pct_reward"] <= 1.0 and row["train_seconds_per_run"] > 0
+    assert isinstance(record["verdict"]["learns_at_least_as_well"], bool)

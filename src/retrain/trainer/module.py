@@ -34,7 +34,7 @@ from retrain.trainer.experience import Experience, completion_logps, pack_trajec
 from retrain.trainer.losses import LossStats, masked_mean
 from retrain.trainer.metrics import MajAtK, PassAtK
 from retrain.trainer.rollout import RolloutEngine
-from retrain.trainer.sampler import BatchingSampler
+from retrain.trainer.sampler import Backend, BatchingSampler
 from retrain.trainer.sharding import generation_context, shard_model
 
 SchedulerType = Literal["constant", "constant_with_warmup", "linear", "cosine"]
@@ -93,6 +93,10 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
         micro_batch_size: rollouts per forward/backward pass; an optimizer step's rollouts are
             processed in micro-batches of this size and their gradients accumulated, to bound
             memory (None = all at once). The result does not depend on it.
+        generation_backend: "auto" samples Llama-family policies (Llama, Qwen2, Qwen3, Mistral)
+            with retrain's own KV-cached decoder (same weights and sampling rules, far less
+            per-token overhead) and any other policy with `transformers`' `generate`;
+            "transformers" always uses `generate`.
     """
 
     def __init__(
@@ -122,6 +126,7 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
         eval_temperature: Optional[float] = None,
         eval_success_threshold: float = 1.0,
         micro_batch_size: Optional[int] = None,
+        generation_backend: Backend = "auto",
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -277,7 +282,7 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
         h = self.hparams
         return BatchingSampler(
             self.policy, self.tokenizer, max_new_tokens=h.max_completion_length,
-            temperature=temperature or h.temperature, top_p=h.top_p, top_k=h.top_k,
+            temperature=temperature or h.temperature, top_p=h.top_p, top_k=h.top_k, backend=h.generation_backend,
         )
 
     def rollout(self, records: Sequence[PromptRecord]) -> tuple[list[Trajectory], RewardResult]:

@@ -11,6 +11,11 @@ policy's sharded-generation mode: inside the trainer's `generation_context` the 
 either gathered for the whole rollout phase (no collectives while decoding) or each call joins a
 lockstep round and decodes with `synced_gpus`. Used on its own, the sampler wraps each call in that
 context itself, which is correct when every rank makes the same number of calls.
+
+Backends. `backend="auto"` decodes Llama-family policies (Llama, Qwen2, Qwen3, Mistral) with
+retrain's own KV-cached decoder (`retrain.trainer.decoding`: same weights, same sampling rules,
+a fraction of the per-token overhead) and everything else -- other architectures, PEFT adapters,
+sharded policies -- with `transformers`' `generate`; `backend="transformers"` always uses `generate`.
 """
 
 from __future__ import annotations
@@ -18,16 +23,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Literal, Optional, Sequence, Union
 
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from retrain.data.records import Message
 from retrain.environment.base import Generation
+from retrain.trainer import decoding
 from retrain.trainer.sharding import LockstepGeneration, generate_kwargs, generation_context, generation_state
 
 _IDLE_TURNS = 4  # event-loop turns without a new request before a partial batch is served
+Backend = Literal["auto", "transformers"]
+
+
+def _neutral_generation_options() -> dict[str, Any]:
+    """`transformers`' global defaults, plus off-values for the options whose default is unset."""
+    defaults = getattr(GenerationConfig(), "_get_default_generation_params", dict)()
+    return {**defaults, "min_p": 0.0, "suppress_tokens": [], "begin_suppress_tokens": []}
 
 
 class BatchingSampler:
@@ -39,6 +52,8 @@ class BatchingSampler:
         max_new_tokens: default token budget per request.
         temperature, top_p, top_k: sampling settings (TRL's names and meanings; `top_k=0` is off).
         min_new_tokens: force at least this many tokens (benchmarks use it for equal work).
+        backend: "auto" (retrain's decoder for Llama-family policies, else `generate`) or
+            "transformers" (always `generate`); see the module docstring.
     """
 
     def __init__(
@@ -51,21 +66,30 @@ class BatchingSampler:
         top_p: float = 1.0,
         top_k: int = 0,
         min_new_tokens: int = 0,
+        backend: Backend = "auto",
     ) -> None:
+        if backend not in ("auto", "transformers"):
+            raise ValueError(f"backend={backend!r}: use 'auto' or 'transformers'.")
         self.model = model
+        self.backend = backend
+        self._own_decoder: Optional[bool] = None  # decided on first use: the policy does not change class
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens
-        self.generation_config = GenerationConfig(
-            do_sample=True,
-            use_cache=True,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            min_new_tokens=min_new_tokens,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-        )
+        # Every sampling option explicit: `generate` fills options left unset from the checkpoint's
+        # generation_config.json (a hub model's repetition_penalty, min_p, suppress_tokens, ...),
+        # which would sample from a distribution other than the one the loss's log-probs describe.
+        self.generation_config = GenerationConfig(**{
+            **_neutral_generation_options(),
+            "do_sample": True,
+            "use_cache": True,
+            "temperature": temperature,
+            "top_p": top_p,
+            "top_k": top_k,
+            "min_new_tokens": min_new_tokens,
+            "pad_token_id": tokenizer.pad_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "bos_token_id": tokenizer.bos_token_id,
+        })
         self.active_episodes = 0
         self.generate_calls = 0
         self._pending: list[tuple[list[int], int, asyncio.Future]] = []
@@ -131,6 +155,11 @@ class BatchingSampler:
         config.max_new_tokens = max_new_tokens
         config.min_new_tokens = min(config.min_new_tokens or 0, max_new_tokens)
         state = generation_state(self.model)
+        if state is None and self.uses_own_decoder:
+            try:
+                return self._sample_own(input_ids, attention_mask, config).tolist()
+            finally:
+                self.model.train(was_training)
         context = contextlib.nullcontext() if state is not None else generation_context(self.model)
         try:
             with context:
@@ -143,6 +172,21 @@ class BatchingSampler:
         finally:
             self.model.train(was_training)
         return output[:, input_ids.size(1) :].tolist()
+
+    @property
+    def uses_own_decoder(self) -> bool:
+        """Whether calls outside a sharded rollout use `retrain.trainer.decoding` (see `backend`)."""
+        if self._own_decoder is None:
+            self._own_decoder = self.backend == "auto" and decoding.supports(self.model)
+        return self._own_decoder
+
+    def _sample_own(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, config: GenerationConfig) -> torch.Tensor:
+        eos = config.eos_token_id
+        return decoding.sample(
+            self.model, input_ids, attention_mask, max_new_tokens=config.max_new_tokens,
+            eos_token_ids=[] if eos is None else eos if isinstance(eos, list) else [eos], pad_token_id=config.pad_token_id,
+            temperature=config.temperature, top_k=config.top_k or 0, top_p=config.top_p, min_new_tokens=config.min_new_tokens or 0,
+        )
 
     def _to_generation(self, tokens: list[int], budget: int) -> Generation:
         """Cut at the first end-of-sequence token (kept: the policy chose it) and decode."""

@@ -1,0 +1,154 @@
+"""retrain's own decoder (`retrain.trainer.decoding`) against the model's own forward pass and
+`transformers`' sampling rules, on small randomly initialised models of each supported family."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+from retrain.trainer.decoding import KVDecoder, filter_logits, sample, supports, unsupported_reason
+from retrain.trainer.sampler import BatchingSampler
+
+SHAPE = {"vocab_size": 40, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "max_position_embeddings": 64}
+
+
+def _model(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if name == "llama-gqa-bias":  # grouped-query attention, biases everywhere, llama3 RoPE scaling
+        rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 2.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16}
+        config = LlamaConfig(**SHAPE, num_attention_heads=4, num_key_value_heads=2, attention_bias=True, mlp_bias=True, rope_parameters=rope)
+        return LlamaForCausalLM(config)
+    if name == "qwen2":  # q/k/v biases
+        return Qwen2ForCausalLM(Qwen2Config(**SHAPE, num_attention_heads=4, num_key_value_heads=2))
+    if name == "qwen3":  # per-head query/key norms, head_dim not hidden/heads
+        return Qwen3ForCausalLM(Qwen3Config(**SHAPE, num_attention_heads=4, num_key_value_heads=2, head_dim=16))
+    if name == "mistral":
+        return MistralForCausalLM(MistralConfig(**SHAPE, num_attention_heads=4, num_key_value_heads=1, sliding_window=None))
+    raise ValueError(name)
+
+
+FAMILIES = ["llama-gqa-bias", "qwen2", "qwen3", "mistral"]
+
+
+def _reference_logits(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The model's own next-token logits for left-padded rows (positions follow the mask, as in generate)."""
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1]
+
+
+@pytest.mark.parametrize("pack", [True, False], ids=["packed", "in-place"])
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_prefill_and_every_decoding_step_match_the_models_forward(family, pack):
+    model = _model(family).eval()
+    prompts = torch.randint(3, 40, (3, 7))
+    mask = torch.ones_like(prompts)
+    mask[0, :4] = 0  # left padding of different lengths, and one row without
+    mask[1, :1] = 0
+    decoder = KVDecoder(model, batch=3, max_length=7 + 5, pack=pack)
+    logits = decoder.prefill(prompts, mask)
+    ids = prompts
+    for _ in range(5):
+        expected = _reference_logits(model, ids, mask)
+        torch.testing.assert_close(logits, expected, atol=2e-5, rtol=1e-4)
+        token = expected.argmax(-1)
+        ids, mask = torch.cat([ids, token[:, None]], 1), torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        logits = decoder.decode(token)
+
+
+@torch.no_grad()
+def test_tiny_local_model_decodes_identically_with_padding(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    prompts = torch.randint(4, 90, (2, 9))
+    mask = torch.ones_like(prompts)
+    mask[1, :5] = 0
+    decoder = KVDecoder(model, batch=2, max_length=12)
+    torch.testing.assert_close(decoder.prefill(prompts, mask), _reference_logits(model, prompts, mask), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 0, 1.0), (1.0, 5, 1.0), (1.0, 0, 0.8), (1.3, 7, 0.6), (0.5, 40, 0.95)])
+def test_filtering_matches_transformers_warpers(temperature, top_k, top_p):
+    torch.manual_seed(1)
+    logits = torch.randn(6, 30) * 3
+    expected = logits.clone()
+    warpers = []
+    if temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(temperature))
+    if top_k:
+        warpers.append(TopKLogitsWarper(top_k))
+    if top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p))
+    for warper in warpers:
+        expected = warper(None, expected)
+    torch.testing.assert_close(filter_logits(logits, temperature, top_k, top_p), expected)
+
+
+def test_rows_end_at_their_first_eos_and_pad_after_it(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    vocab = model.config.vocab_size
+    keep, pad = 10, 0
+    eos = [t for t in range(vocab) if t != keep]  # every token but one ends a row: rows end almost at once
+    prompts = torch.randint(4, 90, (16, 5))
+    torch.manual_seed(0)
+    out = sample(model, prompts, torch.ones_like(prompts), max_new_tokens=20, eos_token_ids=eos, pad_token_id=pad, min_new_tokens=3)
+    assert (out[:, :3] == keep).all()  # end-of-sequence is suppressed before min_new_tokens
+    ended_at = []
+    for row in out.tolist():
+        first = next(i for i, t in enumerate(row) if t in eos) if any(t in eos for t in row) else None
+        assert first is not None, row
+        assert all(t == pad for t in row[first + 1 :]), row
+        ended_at.append(first)
+    assert out.size(1) == max(ended_at) + 1  # the loop stops once every row has ended
+
+
+def test_sampler_backends_draw_the_same_tokens(tiny_model_dir):
+    """Same weights, same rules, same random draws: both backends produce the same rollouts, and a
+    checkpoint's own generation defaults (as hub models ship them) change neither."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.generation_config.update(repetition_penalty=5.0, min_p=0.5, suppress_tokens=[5, 6], top_k=3)
+    contexts = [tokenizer("repeat a: ")["input_ids"], tokenizer("a much longer prompt: ")["input_ids"], tokenizer("x")["input_ids"]]
+    outputs = {}
+    for backend in ("auto", "transformers"):
+        sampler = BatchingSampler(model, tokenizer, max_new_tokens=12, temperature=0.9, top_k=20, top_p=0.95, backend=backend)
+        assert sampler.uses_own_decoder == (backend == "auto")
+        torch.manual_seed(3)
+        outputs[backend] = sampler._generate_batch(contexts * 4, 12)
+    assert outputs["auto"] == outputs["transformers"]
+
+
+def test_unsupported_models_use_generate(tiny_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir, padding_side="left")
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=tokenizer.vocab_size + 4, n_embd=16, n_layer=1, n_head=2))
+    assert "GPT2LMHeadModel" in unsupported_reason(gpt2)
+    sampler = BatchingSampler(gpt2, tokenizer, max_new_tokens=4)
+    assert not sampler.uses_own_decoder
+    assert len(sampler._generate_batch([tokenizer("abc")["input_ids"]], 4)[0]) <= 4
+
+    peft = pytest.importorskip("peft")
+    llama = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert supports(llama)
+    adapted = peft.get_peft_model(llama, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    assert not supports(adapted)
+    assert not supports(adapted.get_base_model())  # its projections are LoRA layers now
+    with pytest.raises(ValueError, match="not a plain Linear"):
+        KVDecoder(adapted.get_base_model(), 1, 4)
+
+    dynamic = LlamaForCausalLM(LlamaConfig(**SHAPE, num_attention_heads=4, rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}))
+    assert "dynamic" in unsupported_reason(dynamic)

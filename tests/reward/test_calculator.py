@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import threading
 import time
 import uuid
 from typing import Any, Optional
@@ -302,6 +303,39 @@ def test_async_rewards_run_concurrently():
     assert result.total == [3.0] * 4
     # Serial: 2 functions x 4 rollouts x 0.2 s = 1.6 s. Rollouts run concurrently (0.4 s expected).
     assert elapsed < 1.0
+
+
+def test_cheap_sync_rewards_run_on_the_loop_and_slow_ones_move_to_worker_threads():
+    seen: dict[str, list[bool]] = {"cheap": [], "slow": [], "bounded": []}
+
+    def on_main_thread() -> bool:
+        return threading.current_thread() is threading.main_thread()
+
+    def cheap(completion):
+        seen["cheap"].append(on_main_thread())
+        return 1.0
+
+    def slow(completion):  # a blocking call (e.g. an HTTP judge): worker threads overlap the waits
+        seen["slow"].append(on_main_thread())
+        time.sleep(0.1)
+        return 1.0
+
+    def bounded(completion):
+        seen["bounded"].append(on_main_thread())
+        return 1.0
+
+    calc = RewardCalculator([
+        RewardSpec(name=register_reward(cheap)), RewardSpec(name=register_reward(slow)),
+        RewardSpec(name=register_reward(bounded), timeout=5.0),
+    ])
+    started = time.perf_counter()
+    assert calc.score([make_trajectory(str(i)) for i in range(8)]).total == [3.0] * 8
+    elapsed = time.perf_counter() - started
+
+    assert seen["cheap"] == [True] * 8  # no thread hand-off for a microsecond check
+    assert seen["slow"][0] and not any(seen["slow"][1:])  # one call blocked the loop; the rest ran in threads
+    assert not any(seen["bounded"])  # a timeout needs a thread it can abandon
+    assert elapsed < 0.1 + 7 * 0.1 * 0.75  # the 7 threaded waits overlapped (serially: 0.8 s)
 
 
 def test_ascore_can_be_awaited_from_a_running_loop():

@@ -20,3 +20,34 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory):
     from retrain.models.tiny import TinyModelConfig, build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", TinyModelConfig(hidden_size=32, intermediate_size=64))
+
+
+@pytest.fixture
+def family_model():
+    """`make(name)`: a small randomly initialised model of a Llama-family variant retrain has fast
+    paths for: "llama-gqa-bias" (grouped-query attention, biases everywhere, llama3 RoPE scaling),
+    "qwen2" (q/k/v biases), "qwen3" (per-head q/k norms, head_dim != hidden / heads), "mistral"."""
+    from transformers import (
+        LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
+    )
+
+    shape = {"vocab_size": 40, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "max_position_embeddings": 64}
+
+    def make(name: str):
+        import torch
+
+        torch.manual_seed(0)
+        if name == "llama-gqa-bias":
+            rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 2.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 16}
+            return LlamaForCausalLM(LlamaConfig(**shape, num_attention_heads=4, num_key_value_heads=2, attention_bias=True,
+                                                mlp_bias=True, rope_parameters=rope))
+        if name == "qwen2":
+            return Qwen2ForCausalLM(Qwen2Config(**shape, num_attention_heads=4, num_key_value_heads=2))
+        if name == "qwen3":
+            return Qwen3ForCausalLM(Qwen3Config(**shape, num_attention_heads=4, num_key_value_heads=2, head_dim=16))
+        if name == "mistral":
+            return MistralForCausalLM(MistralConfig(**shape, num_attention_heads=4, num_key_value_heads=1, sliding_window=None))
+        raise ValueError(name)
+
+    return make

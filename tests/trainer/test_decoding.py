@@ -5,43 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    Qwen3Config,
-    Qwen3ForCausalLM,
-)
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from retrain.trainer.decoding import KVDecoder, filter_logits, sample, supports, unsupported_reason
 from retrain.trainer.sampler import BatchingSampler
 
-SHAPE = {"vocab_size": 40, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "max_position_embeddings": 64}
-
-
-def _model(name: str) -> torch.nn.Module:
-    torch.manual_seed(0)
-    if name == "llama-gqa-bias":  # grouped-query attention, biases everywhere, llama3 RoPE scaling
-        rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 2.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 16}
-        config = LlamaConfig(**SHAPE, num_attention_heads=4, num_key_value_heads=2, attention_bias=True, mlp_bias=True, rope_parameters=rope)
-        return LlamaForCausalLM(config)
-    if name == "qwen2":  # q/k/v biases
-        return Qwen2ForCausalLM(Qwen2Config(**SHAPE, num_attention_heads=4, num_key_value_heads=2))
-    if name == "qwen3":  # per-head query/key norms, head_dim not hidden/heads
-        return Qwen3ForCausalLM(Qwen3Config(**SHAPE, num_attention_heads=4, num_key_value_heads=2, head_dim=16))
-    if name == "mistral":
-        return MistralForCausalLM(MistralConfig(**SHAPE, num_attention_heads=4, num_key_value_heads=1, sliding_window=None))
-    raise ValueError(name)
-
+FAMILY_SHAPE = {"vocab_size": 40, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "max_position_embeddings": 64}
 
 FAMILIES = ["llama-gqa-bias", "qwen2", "qwen3", "mistral"]
 
@@ -55,8 +25,8 @@ def _reference_logits(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Ten
 @pytest.mark.parametrize("pack", [True, False], ids=["packed", "in-place"])
 @pytest.mark.parametrize("family", FAMILIES)
 @torch.no_grad()
-def test_prefill_and_every_decoding_step_match_the_models_forward(family, pack):
-    model = _model(family).eval()
+def test_prefill_and_every_decoding_step_match_the_models_forward(family, pack, family_model):
+    model = family_model(family).eval()
     prompts = torch.randint(3, 40, (3, 7))
     mask = torch.ones_like(prompts)
     mask[0, :4] = 0  # left padding of different lengths, and one row without
@@ -150,5 +120,5 @@ def test_unsupported_models_use_generate(tiny_model_dir):
     with pytest.raises(ValueError, match="not a plain Linear"):
         KVDecoder(adapted.get_base_model(), 1, 4)
 
-    dynamic = LlamaForCausalLM(LlamaConfig(**SHAPE, num_attention_heads=4, rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}))
+    dynamic = LlamaForCausalLM(LlamaConfig(**FAMILY_SHAPE, num_attention_heads=4, rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}))
     assert "dynamic" in unsupported_reason(dynamic)

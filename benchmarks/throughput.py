@@ -2,6 +2,10 @@
 
     python benchmarks/throughput.py                # 4 prompts x 8 generations x 128 tokens, 10 timed steps, 3 repetitions
     python benchmarks/throughput.py --beta 0.04    # both with a reference model
+    python benchmarks/throughput.py --retrain-generation-backend transformers --out-dir /tmp/generate
+                                                   # retrain sampling with `generate`, as TRL does
+    python benchmarks/throughput.py --micro-batch-size 8 --out-dir /tmp/mb8
+                                                   # both: forward/backward 8 rollouts at a time
     python benchmarks/throughput.py --model-size tiny --steps 2 --repeats 1 --prompts 2 --generations 2 \
         --completion-length 4                      # smoke test (tests/test_benchmarks.py)
 
@@ -94,6 +98,8 @@ class Spec:
     beta: float
     threads: int = 0  # torch threads in each run; 0 = torch's default
     seed: int = 0
+    generation_backend: str = "auto"  # retrain's; "transformers" measures it with `generate` instead of its own decoder
+    micro_batch_size: int = 0  # rollouts per forward/backward in both libraries; 0 = a step's rollouts at once
 
     @property
     def completion_tokens_per_step(self) -> int:
@@ -183,7 +189,8 @@ def run_retrain(spec: Spec) -> dict[str, Any]:
         policy=PolicyConfig(name_or_path=spec.model_dir),
         reward=RewardCalculator([RewardSpec(name="retrain.tasks.repeat_letter:letter_fraction")]),
         num_generations=spec.generations, max_completion_length=spec.completion_length,
-        learning_rate=spec.learning_rate, beta=spec.beta, loss_type="dapo",
+        learning_rate=spec.learning_rate, beta=spec.beta, loss_type="dapo", generation_backend=spec.generation_backend,
+        micro_batch_size=spec.micro_batch_size or None,
     )
     data = PromptDataModule(prompts=prompt_records(spec.prompts * (spec.steps + 1)), batch_size=spec.prompts, seed=spec.seed)
     timer = StepTimer()
@@ -214,10 +221,14 @@ def run_trl(spec: Spec, scratch: str) -> dict[str, Any]:
         def on_step_end(self, *args: Any, **kwargs: Any) -> None:
             self.marks.append((time.perf_counter(), time.process_time()))
 
+    rollouts = spec.prompts * spec.generations
+    micro = spec.micro_batch_size or rollouts
     config = GRPOConfig(
         output_dir=scratch, report_to="none", use_cpu=True, bf16=False, activation_checkpointing=False,
         logging_steps=10**9, save_strategy="no", disable_tqdm=True, seed=spec.seed,
-        per_device_train_batch_size=spec.prompts * spec.generations, num_generations=spec.generations,
+        # micro-batches of `micro_batch_size`, accumulated into one optimizer step; TRL generates the
+        # whole step's rollouts in one call (steps_per_generation defaults to gradient_accumulation_steps)
+        per_device_train_batch_size=micro, gradient_accumulation_steps=rollouts // micro, num_generations=spec.generations,
         max_completion_length=spec.completion_length, generation_kwargs={"min_new_tokens": spec.completion_length},
         learning_rate=spec.learning_rate, lr_scheduler_type="constant", max_steps=spec.steps + 1,
         beta=spec.beta, loss_type="dapo",
@@ -364,7 +375,9 @@ def markdown(record: dict[str, Any]) -> str:
         "",
         f"Model `{m['size']}`: {m['parameters'] / 1e6:.2f}M parameters (hidden {m['hidden_size']}, {m['num_layers']} layers, "
         f"vocab {m['vocab_size']}). {c['prompts']} prompts x {c['generations']} generations x {c['completion_length']} "
-        f"completion tokens (prompt {c['prompt_length']} tokens), beta {c['beta']}, {c['steps']} timed steps after 1 warm-up, "
+        f"completion tokens (prompt {c['prompt_length']} tokens), beta {c['beta']}, micro-batch "
+        f"{c.get('micro_batch_size') or 'all'}, retrain generation_backend {c.get('generation_backend', 'auto')}, "
+        f"{c['steps']} timed steps after 1 warm-up, "
         f"{c['repeats']} repetitions. FLOP floor {record['flop_floor']['seconds'] * 1e3:.1f} ms/step "
         f"({record['flop_floor']['flops_per_step'] / 1e9:.2f} GFLOP at {record['flop_floor']['matmul_gflops']:.1f} GFLOP/s).",
         "",
@@ -406,6 +419,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--beta", type=float, default=0.0, help="KL coefficient for both (> 0 adds a reference model)")
     parser.add_argument("--learning-rate", type=float, default=1e-5)
     parser.add_argument("--threads", type=int, default=0, help="torch threads for both libraries (0 = torch's default)")
+    parser.add_argument("--micro-batch-size", type=int, default=0,
+                        help="rollouts per forward/backward pass in both libraries (0 = all of a step's at once)")
+    parser.add_argument("--retrain-generation-backend", choices=["auto", "transformers"], default="auto",
+                        help="retrain's generation_backend (transformers: sample with `generate`, as TRL does)")
     parser.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"))
     parser.add_argument("--child", choices=LIBRARIES, help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
@@ -430,7 +447,10 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         model_dir = Path(scratch) / "model"
         model = build_model(model_dir, args.model_size)
         spec = Spec(str(model_dir), args.prompts, args.generations, args.completion_length, args.steps, args.learning_rate,
-                    args.beta, args.threads)
+                    args.beta, args.threads, generation_backend=args.retrain_generation_backend,
+                    micro_batch_size=args.micro_batch_size)
+        if args.micro_batch_size and spec.prompts * spec.generations % args.micro_batch_size:
+            raise SystemExit(f"--micro-batch-size {args.micro_batch_size} must divide prompts x generations")
         prompt_length = len(AutoTokenizer.from_pretrained(model_dir)(prompt_records(1)[0]["prompt"])["input_ids"])
         rate = matmul_rate()
         runs = []

@@ -26,11 +26,13 @@ def test_throughput_smoke(tmp_path: Path) -> None:
     command = [
         sys.executable, str(REPO / "benchmarks" / "throughput.py"), "--steps", "2", "--repeats", "1", "--model-size", "tiny",
         "--generations", "2", "--prompts", "2", "--completion-length", "4", "--out-dir", str(tmp_path),
+        "--micro-batch-size", "2",  # both libraries accumulate two micro-batches per step (the default path is micro = all)
     ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
 
     record = json.loads((tmp_path / "throughput.json").read_text())
+    assert record["config"]["micro_batch_size"] == 2 and record["config"]["generation_backend"] == "auto"
     assert json.loads(done.stdout.strip().splitlines()[-1])["results"] == record["results"]  # last line: the JSON summary
     assert "| retrain |" in (tmp_path / "throughput.md").read_text()
     assert record["config"]["completion_tokens_per_step"] == 2 * 2 * 4

@@ -56,8 +56,6 @@ import argparse
 import json
 import math
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -65,16 +63,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+from common import add_common_arguments, commit, machine, run_script_child, write_results
+
 LIBRARIES = ("retrain", "trl")
 COLORS = {"retrain": "#08519c", "trl": "#d94801"}
 THRESHOLD = 0.9  # the reward a run has "learned" the task at
 SMOOTHING = 20  # steps in the trailing moving mean for steps-to-threshold and the plot
 TOLERANCE = 0.02  # retrain's last-10% mean may be this much below TRL's and still count as "as well"
-CHILD_ENV = {
-    "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled",
-    "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore", "TRANSFORMERS_VERBOSITY": "error",
-}
 
 
 @dataclass
@@ -209,13 +204,7 @@ def child_main(library: str, spec: Spec, result_file: str) -> None:
 
 # ---------------------------------------------------------------------------------------- parent
 def run_child(library: str, spec: Spec) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory() as scratch:
-        result_file = Path(scratch) / "result.json"
-        command = [sys.executable, __file__, "--child", library, "--spec", json.dumps(asdict(spec)), "--result-file", str(result_file)]
-        done = subprocess.run(command, cwd=scratch, env={**os.environ, **CHILD_ENV}, capture_output=True, text=True)
-        if done.returncode != 0 or not result_file.is_file():
-            raise RuntimeError(f"{library} run failed (exit {done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
-        result = json.loads(result_file.read_text())
+    result = run_script_child(__file__, library, spec)
     rewards = result["rewards"]
     if len(rewards) != spec.steps or not all(math.isfinite(r) and 0.0 <= r <= 1.0 for r in rewards):
         raise RuntimeError(f"{library}, seed {spec.seed}: expected {spec.steps} mean rewards in [0, 1], got {rewards}")
@@ -343,10 +332,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--completion-length", type=int, default=8, help="max_completion_length")
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads for both libraries (0 = torch's default)")
-    parser.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"))
-    parser.add_argument("--child", choices=LIBRARIES, help=argparse.SUPPRESS)
-    parser.add_argument("--spec", help=argparse.SUPPRESS)
-    parser.add_argument("--result-file", help=argparse.SUPPRESS)
+    add_common_arguments(parser, LIBRARIES)
     return parser.parse_args(argv)
 
 
@@ -373,8 +359,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     results = summarize(runs)
     return {
         "benchmark": "learning",
-        "commit": _commit(),
-        "machine": _machine(load_before),
+        "commit": commit(),
+        "machine": machine(load_before, args.threads),
         "config": {**config, "seeds": args.seeds, "threshold": THRESHOLD, "smoothing_steps": SMOOTHING},
         "model_parameters": parameters,
         "results": results,
@@ -389,11 +375,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.child:
         return child_main(args.child, Spec(**json.loads(args.spec)), args.result_file)
     record = run_benchmark(args)
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     table = markdown(record)
-    (out / "learning.md").write_text(table)
-    (out / "learning.json").write_text(json.dumps(record, indent=1) + "\n")
+    out = write_results(args.out_dir, "learning", record, table)
     plot(record, out / "learning.png")
     print(table)
     v = record["verdict"]
@@ -407,25 +390,6 @@ def _parameters(model_dir: Path) -> int:
     from transformers import AutoModelForCausalLM
 
     return sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(model_dir).parameters())
-
-
-def _commit() -> str:
-    """The short commit, marked `+dirty` when src/ has uncommitted changes."""
-    git = ["git", "-C", str(REPO)]
-    commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run([*git, "status", "--porcelain", "src"], capture_output=True, text=True).stdout.strip()
-    return commit + ("+dirty" if dirty else "")
-
-
-def _machine(load_at_start: float) -> dict[str, Any]:
-    from importlib.metadata import version
-
-    return {
-        "summary": f"{platform.machine()}, {os.cpu_count()} CPUs",
-        "platform": platform.platform(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
-        "versions": {name: version(name) for name in ("torch", "transformers", "trl", "lightning", "retrain")},
-        "load_average_1min": {"start": load_at_start, "end": os.getloadavg()[0]},
-    }
 
 
 if __name__ == "__main__":

@@ -59,11 +59,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import string
-import subprocess
 import sys
 import tempfile
 import time
@@ -71,17 +69,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+from common import add_common_arguments, commit, machine, run_script_child, write_results
+
 LIBRARIES = ("retrain", "trl")
 # retrain's step, split by where the time goes (the rest of a step is the optimizer and the loop itself)
 PHASES = ("generation", "rollout_rest", "forward_and_loss", "backward")
 MODEL_SIZES = {  # TinyModelConfig fields
     "tiny": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "intermediate_size": 128},
     "small": {"hidden_size": 256, "num_layers": 4, "num_heads": 4, "intermediate_size": 1024},
-}
-CHILD_ENV = {
-    "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled",
-    "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore", "TRANSFORMERS_VERBOSITY": "error",
 }
 
 
@@ -318,13 +313,7 @@ def matmul_rate(size: int = 1024, repeats: int = 3, trials: int = 20) -> float:
 
 
 def run_child(library: str, spec: Spec) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory() as scratch:
-        result_file = Path(scratch) / "result.json"
-        command = [sys.executable, __file__, "--child", library, "--spec", json.dumps(asdict(spec)), "--result-file", str(result_file)]
-        done = subprocess.run(command, cwd=scratch, env={**os.environ, **CHILD_ENV}, capture_output=True, text=True)
-        if done.returncode != 0 or not result_file.is_file():
-            raise RuntimeError(f"{library} run failed (exit {done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
-        result = json.loads(result_file.read_text())
+    result = run_script_child(__file__, library, spec)
     expected = [spec.completion_length] * (spec.prompts * spec.generations)
     if len(result["completion_lengths"]) != spec.steps + 1 or any(sorted(lengths) != expected for lengths in result["completion_lengths"]):
         raise RuntimeError(f"{library}: completions were not all {spec.completion_length} tokens: {result['completion_lengths']}")
@@ -423,10 +412,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="rollouts per forward/backward pass in both libraries (0 = all of a step's at once)")
     parser.add_argument("--retrain-generation-backend", choices=["auto", "transformers"], default="auto",
                         help="retrain's generation_backend (transformers: sample with `generate`, as TRL does)")
-    parser.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"))
-    parser.add_argument("--child", choices=LIBRARIES, help=argparse.SUPPRESS)
-    parser.add_argument("--spec", help=argparse.SUPPRESS)
-    parser.add_argument("--result-file", help=argparse.SUPPRESS)
+    add_common_arguments(parser, LIBRARIES)
     return parser.parse_args(argv)
 
 
@@ -462,8 +448,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     floor = flops["total"] / rate
     return {
         "benchmark": "throughput",
-        "commit": _commit(),
-        "machine": _machine(load_before[0]),
+        "commit": commit(),
+        "machine": machine(load_before[0], torch.get_num_threads()),
         "config": {**{k: v for k, v in asdict(spec).items() if k != "model_dir"}, "repeats": args.repeats,
                    "prompt_length": prompt_length, "completion_tokens_per_step": spec.completion_tokens_per_step},
         "model": model,
@@ -480,39 +466,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.child:
         return child_main(args.child, Spec(**json.loads(args.spec)), args.result_file)
     record = run_benchmark(args)
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     table = markdown(record)
-    (out / "throughput.md").write_text(table)
-    (out / "throughput.json").write_text(json.dumps(record, indent=1) + "\n")
+    write_results(args.out_dir, "throughput", record, table)
     print(table)
     print(json.dumps({k: record[k] for k in ("benchmark", "commit", "config", "flop_floor", "results", "wall_seconds")}))
-
-
-def _commit() -> str:
-    """The short commit, marked `+dirty` when src/ has uncommitted changes."""
-    git = ["git", "-C", str(REPO)]
-    commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run([*git, "status", "--porcelain", "src"], capture_output=True, text=True).stdout.strip()
-    return commit + ("+dirty" if dirty else "")
-
-
-def _machine(load_at_start: float) -> dict[str, Any]:
-    import torch
-
-    threads = torch.get_num_threads()
-    return {
-        "summary": f"{platform.machine()}, {os.cpu_count()} CPUs, {threads} torch threads",
-        "platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
-        "torch_threads": threads, "python": platform.python_version(), "versions": _versions(),
-        "load_average_1min": {"start": load_at_start, "end": os.getloadavg()[0]},
-    }
-
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import version
-
-    return {name: version(name) for name in ("torch", "transformers", "trl", "lightning", "retrain")}
 
 
 if __name__ == "__main__":

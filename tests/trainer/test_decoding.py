@@ -43,6 +43,23 @@ def test_prefill_and_every_decoding_step_match_the_models_forward(family, pack, 
 
 
 @torch.no_grad()
+def test_bfloat16_policies_decode_like_their_forward(family_model):
+    model = family_model("qwen2").to(torch.bfloat16).eval()
+    prompts = torch.randint(3, 40, (2, 6))
+    mask = torch.ones_like(prompts)
+    mask[0, :2] = 0
+    decoder = KVDecoder(model, batch=2, max_length=9)
+    logits, ids = decoder.prefill(prompts, mask), prompts
+    for _ in range(3):
+        expected = _reference_logits(model, ids, mask)
+        assert logits.dtype == torch.bfloat16
+        torch.testing.assert_close(logits.float(), expected.float(), atol=3e-2, rtol=3e-2)
+        token = expected.argmax(-1)
+        ids, mask = torch.cat([ids, token[:, None]], 1), torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        logits = decoder.decode(token)
+
+
+@torch.no_grad()
 def test_tiny_local_model_decodes_identically_with_padding(tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     prompts = torch.randint(4, 90, (2, 9))

@@ -129,13 +129,38 @@ def test_unsupported_models_use_generate(tiny_model_dir):
     assert len(sampler._generate_batch([tokenizer("abc")["input_ids"]], 4)[0]) <= 4
 
     peft = pytest.importorskip("peft")
-    llama = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    assert supports(llama)
-    adapted = peft.get_peft_model(llama, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
-    assert not supports(adapted)
-    assert not supports(adapted.get_base_model())  # its projections are LoRA layers now
-    with pytest.raises(ValueError, match="not a plain Linear"):
-        KVDecoder(adapted.get_base_model(), 1, 4)
+    dora = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), peft.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
+    assert "variant" in unsupported_reason(dora)
+    with pytest.raises(ValueError, match="variant"):
+        KVDecoder(dora, 1, 4)
+    embedding = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), peft.LoraConfig(r=2, target_modules=["embed_tokens"]))
+    assert "embed_tokens" in unsupported_reason(embedding)
 
     dynamic = LlamaForCausalLM(LlamaConfig(**FAMILY_SHAPE, num_attention_heads=4, rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}))
     assert "dynamic" in unsupported_reason(dynamic)
+
+
+@pytest.mark.parametrize("pack", [True, False], ids=["packed", "in-place"])
+@torch.no_grad()
+def test_lora_policies_decode_with_their_adapter(tiny_model_dir, pack):
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_bias=True)).eval()
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # PEFT starts B at zero; a trained adapter is not
+            param.normal_(0, 0.5)
+    assert supports(model) and BatchingSampler(model, AutoTokenizer.from_pretrained(tiny_model_dir), max_new_tokens=2).uses_own_decoder
+    prompts = torch.randint(4, 90, (3, 8))
+    mask = torch.ones_like(prompts)
+    mask[2, :3] = 0
+    adapted = _reference_logits(model, prompts, mask)
+    with model.disable_adapter():
+        plain = _reference_logits(model, prompts, mask)
+        torch.testing.assert_close(KVDecoder(model, 3, 8, pack=pack).prefill(prompts, mask), plain, atol=2e-5, rtol=1e-4)
+    assert (adapted - plain).abs().max() > 1e-2  # the adapter matters...
+    decoder = KVDecoder(model, 3, 12, pack=pack)
+    torch.testing.assert_close(decoder.prefill(prompts, mask), adapted, atol=2e-5, rtol=1e-4)  # ...and is applied
+    token = adapted.argmax(-1)
+    ids, mask = torch.cat([prompts, token[:, None]], 1), torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    torch.testing.assert_close(decoder.decode(token), _reference_logits(model, ids, mask), atol=2e-5, rtol=1e-4)

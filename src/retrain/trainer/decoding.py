@@ -20,8 +20,11 @@ Sampling follows `transformers`' order and meaning: suppress end-of-sequence unt
 `min_new_tokens`, then temperature, top-k, top-p, then draw with `torch.multinomial`; a row that
 has ended emits padding, and the loop stops when every row has ended.
 
-`supports(model)` says whether a model can use it; anything else (other architectures, PEFT
-adapters, quantized or sharded layers, dynamically rescaled RoPE) uses `generate`.
+LoRA adapters (PEFT) are supported: each adapted projection adds `scaling * B @ A` -- folded into
+the packed weights on CPU, applied as two thin products on accelerators. `supports(model)` says
+whether a model can use the decoder; anything else (other architectures, DoRA and other LoRA
+variants, adapted embeddings, quantized or sharded layers, dynamically rescaled RoPE) uses
+`generate`.
 `tests/trainer/test_decoding.py` checks the logits against the model's own forward pass.
 """
 
@@ -37,8 +40,14 @@ _ARCHITECTURES = {"LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "M
 _STATIC_ROPE = {"default", "linear", "llama3", "yarn"}
 
 
+def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside a PEFT wrapper (its projections carry the adapters)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") and hasattr(model, "peft_config") else model
+
+
 def unsupported_reason(model: torch.nn.Module) -> Optional[str]:
     """Why `model` cannot use `KVDecoder` (None when it can)."""
+    model = _unwrapped(model)
     name = type(model).__name__
     if name not in _ARCHITECTURES:
         return f"architecture {name} (supported: {', '.join(sorted(_ARCHITECTURES))})"
@@ -51,9 +60,13 @@ def unsupported_reason(model: torch.nn.Module) -> Optional[str]:
     rope_type = getattr(model.model.rotary_emb, "rope_type", "default")
     if rope_type not in _STATIC_ROPE:
         return f"rope_type={rope_type!r} (rescaled with the sequence length)"
+    if type(model.model.embed_tokens) is not torch.nn.Embedding:
+        return f"embed_tokens is a {type(model.model.embed_tokens).__name__}, not a plain Embedding"
     for module_name, module in model.named_modules():
-        if module_name.endswith(("_proj", "lm_head")) and type(module) is not torch.nn.Linear:
-            return f"{module_name} is a {type(module).__name__}, not a plain Linear (adapters, quantization)"
+        if module_name.endswith(("_proj", "lm_head")):
+            reason = _projection_reason(module)
+            if reason is not None:
+                return f"{module_name}: {reason}"
     if any(_is_dtensor(param) for param in model.parameters()):
         return "sharded (DTensor) parameters"
     return None
@@ -63,6 +76,69 @@ def supports(model: torch.nn.Module) -> bool:
     return unsupported_reason(model) is None
 
 
+def _is_lora(module: torch.nn.Module) -> bool:
+    return type(module).__module__.startswith("peft.tuners.lora") and hasattr(module, "lora_A")
+
+
+def _projection_reason(module: torch.nn.Module) -> Optional[str]:
+    if type(module) is torch.nn.Linear:
+        return None
+    if not _is_lora(module):
+        return f"a {type(module).__name__}, not a plain Linear or a LoRA layer (quantization?)"
+    if type(module.base_layer) is not torch.nn.Linear:
+        return f"LoRA over a {type(module.base_layer).__name__}, not a plain Linear"
+    if module.disable_adapters and module.merged:
+        return "a merged LoRA adapter that is switched off"
+    if getattr(module, "fan_in_fan_out", False):
+        return "LoRA with fan_in_fan_out"
+    variants = getattr(module, "lora_variant", {}) or {}
+    if any(name in variants for name in module.active_adapters):
+        return "a LoRA variant (DoRA, ...)"
+    return None
+
+
+@dataclass
+class _Linear:
+    """One projection's effective parts: `x @ weight.T + bias + sum(scale * (x @ A.T) @ B.T + scale * b_B)`."""
+
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    adapters: list[tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], float]]
+
+    @classmethod
+    def of(cls, module: torch.nn.Module) -> "_Linear":
+        if not _is_lora(module):
+            return cls(module.weight.detach(), _detach(module.bias), [])
+        base = module.base_layer
+        if module.disable_adapters or module.merged:  # merged: the base weights already hold the update
+            return cls(base.weight.detach(), _detach(base.bias), [])
+        adapters = [
+            (module.lora_A[name].weight.detach(), module.lora_B[name].weight.detach(), _detach(module.lora_B[name].bias),
+             float(module.scaling[name]))
+            for name in module.active_adapters if name in module.lora_A
+        ]
+        return cls(base.weight.detach(), _detach(base.bias), adapters)
+
+    def merged(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The weight and bias with every adapter's update added (a copy when there are adapters)."""
+        weight, bias = self.weight, self.bias
+        for a, b, b_bias, scale in self.adapters:
+            weight = weight + scale * (b @ a).to(weight.dtype)
+            if b_bias is not None:
+                bias = scale * b_bias if bias is None else bias + scale * b_bias
+        return weight, bias
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        for a, b, b_bias, scale in self.adapters:
+            y = y + F.linear(F.linear(x.to(a.dtype), a), b, b_bias).to(y.dtype) * scale
+        return y
+
+
+def _detach(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if tensor is None else tensor.detach()
+
+
 def _is_dtensor(tensor: torch.Tensor) -> bool:
     return "DTensor" in (type(tensor).__name__, type(tensor.data).__name__)
 
@@ -70,25 +146,27 @@ def _is_dtensor(tensor: torch.Tensor) -> bool:
 class _Projection:
     """Linear layers that read the same input, applied together; returns one output per layer.
 
-    Packed (CPU): one product with the concatenated, pre-transposed weights. Otherwise: the
-    layers' own weights, one `F.linear` each, and no copy.
+    Packed (CPU): one product with the concatenated, pre-transposed weights (LoRA updates folded
+    in). Otherwise: the layers' own weights, one `F.linear` each (plus two thin products per
+    adapter), and no copy.
     """
 
-    def __init__(self, linears: Sequence[torch.nn.Linear], packed: bool) -> None:
-        self.sizes = [layer.out_features for layer in linears]
+    def __init__(self, linears: Sequence[torch.nn.Module], packed: bool) -> None:
+        parts = [_Linear.of(layer) for layer in linears]
+        self.sizes = [part.weight.size(0) for part in parts]
         self.packed = packed
         if packed:
-            self.weight_t = torch.cat([layer.weight.detach() for layer in linears]).t().contiguous()
-            biases = [layer.bias for layer in linears]
-            self.bias = None if all(b is None for b in biases) else torch.cat(
-                [b.detach() if b is not None else layer.weight.new_zeros(layer.out_features) for b, layer in zip(biases, linears)]
+            merged = [part.merged() for part in parts]
+            self.weight_t = torch.cat([weight for weight, _ in merged]).t().contiguous()
+            self.bias = None if all(bias is None for _, bias in merged) else torch.cat(
+                [bias if bias is not None else weight.new_zeros(weight.size(0)) for weight, bias in merged]
             )
         else:
-            self.linears = list(linears)
+            self.parts = parts
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if not self.packed:
-            return tuple(F.linear(x, layer.weight, layer.bias) for layer in self.linears)
+            return tuple(part(x) for part in self.parts)
         y = self.output(x)
         return y.split(self.sizes, dim=-1) if len(self.sizes) > 1 else (y,)
 
@@ -143,6 +221,7 @@ class KVDecoder:
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"KVDecoder does not support this model: {reason}")
+        model = _unwrapped(model)
         body = model.model
         self.embed = body.embed_tokens.weight.detach()
         device, dtype = self.embed.device, self.embed.dtype
@@ -162,8 +241,8 @@ class KVDecoder:
             ))
         first = body.layers[0].self_attn
         self.head_dim = first.head_dim
-        self.heads = first.q_proj.out_features // self.head_dim
-        self.kv_heads = first.k_proj.out_features // self.head_dim
+        q_width, k_width, _ = self.layers[0].qkv.sizes
+        self.heads, self.kv_heads = q_width // self.head_dim, k_width // self.head_dim
         self.scaling = first.scaling
         self.final_norm = _norm(body.norm)
         self.lm_head = _Projection([model.lm_head], packed)

@@ -93,8 +93,8 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
         micro_batch_size: rollouts per forward/backward pass; an optimizer step's rollouts are
             processed in micro-batches of this size and their gradients accumulated, to bound
             memory (None = all at once). The result does not depend on it.
-        generation_backend: "auto" samples Llama-family policies (Llama, Qwen2, Qwen3, Mistral)
-            with retrain's own KV-cached decoder (same weights and sampling rules, far less
+        generation_backend: "auto" samples Llama-family policies (Llama, Qwen2, Qwen3, Mistral;
+            LoRA included) with retrain's own KV-cached decoder (same weights and sampling rules, far less
             per-token overhead) and any other policy with `transformers`' `generate`;
             "transformers" always uses `generate`.
     """

@@ -12,10 +12,11 @@ either gathered for the whole rollout phase (no collectives while decoding) or e
 lockstep round and decodes with `synced_gpus`. Used on its own, the sampler wraps each call in that
 context itself, which is correct when every rank makes the same number of calls.
 
-Backends. `backend="auto"` decodes Llama-family policies (Llama, Qwen2, Qwen3, Mistral) with
-retrain's own KV-cached decoder (`retrain.trainer.decoding`: same weights, same sampling rules,
-a fraction of the per-token overhead) and everything else -- other architectures, PEFT adapters,
-sharded policies -- with `transformers`' `generate`; `backend="transformers"` always uses `generate`.
+Backends. `backend="auto"` decodes Llama-family policies (Llama, Qwen2, Qwen3, Mistral; with or
+without LoRA adapters) with retrain's own KV-cached decoder (`retrain.trainer.decoding`: same
+weights, same sampling rules, far less per-token overhead) and everything else -- other
+architectures, DoRA, sharded policies -- with `transformers`' `generate`; `backend="transformers"`
+always uses `generate`.
 """
 
 from __future__ import annotations

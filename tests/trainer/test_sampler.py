@@ -1,4 +1,5 @@
 import asyncio
+import logging
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -61,3 +62,13 @@ def test_chat_prompts_go_through_the_chat_template(tiny_model_dir):
     sampler = _sampler(tiny_model_dir)
     ids = sampler.encode([{"role": "user", "content": "hi"}])
     assert sampler.tokenizer.decode(ids) == "user: hi\nassistant: "
+
+
+def test_generate_backend_does_not_warn_on_every_call(tiny_model_dir, caplog, capfd):
+    sampler = _sampler(tiny_model_dir, backend="transformers")
+    context = sampler.encode("hello")
+    with caplog.at_level(logging.WARNING):
+        for _ in range(2):
+            sampler._generate_batch([context, context], 3)
+    said = caplog.text + capfd.readouterr().err
+    assert "max_length" not in said and "min_length" not in said  # lengths come only from max/min_new_tokens

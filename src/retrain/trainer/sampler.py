@@ -41,6 +41,8 @@ Backend = Literal["auto", "transformers"]
 def _neutral_generation_options() -> dict[str, Any]:
     """`transformers`' global defaults, plus off-values for the options whose default is unset."""
     defaults = getattr(GenerationConfig(), "_get_default_generation_params", dict)()
+    # Lengths come from max/min_new_tokens; setting max_length/min_length too makes generate warn on every call.
+    defaults = {key: value for key, value in defaults.items() if key not in ("max_length", "min_length")}
     return {**defaults, "min_p": 0.0, "suppress_tokens": [], "begin_suppress_tokens": []}
 
 

@@ -72,3 +72,20 @@ def test_learning_smoke(tmp_path: Path) -> None:
         row = record["results"][library]
         assert 0.0 <= row["last_10pct_reward"] <= 1.0 and row["train_seconds_per_run"] > 0
     assert isinstance(record["verdict"]["learns_at_least_as_well"], bool)
+
+
+def test_generation_smoke(tmp_path: Path) -> None:
+    command = [
+        sys.executable, str(REPO / "benchmarks" / "generation.py"), "--rows", "3", "--tokens", "4", "--model-size", "tiny",
+        "--repeats", "1", "--out-dir", str(tmp_path),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+    record = json.loads((tmp_path / "generation.json").read_text())
+    assert "| lora |" in (tmp_path / "generation.md").read_text()
+    for policy in ("plain", "lora"):
+        row = record["results"][policy]
+        assert row["own_decoder_used"]  # the LoRA policy too
+        assert all(math.isfinite(s) and s > 0 for s in row["seconds_per_call"].values())
+    assert record["results"]["plain"]["same_tokens"]  # same weights, same rules, same seed

@@ -1,0 +1,127 @@
+"""Generation alone: retrain's own decoder vs `transformers`' `generate`, through the trainer's sampler.
+
+    python benchmarks/generation.py                  # small model, 32 rows x 128 tokens, with and without LoRA
+    python benchmarks/generation.py --rows 2 --tokens 4 --model-size tiny --repeats 1   # smoke test
+
+The same `BatchingSampler` the trainer uses serves one batch of `--rows` identical prompts with
+`backend="auto"` (retrain's KV-cached decoder, `retrain.trainer.decoding`) and with
+`backend="transformers"` (`generate`), each forced to exactly `--tokens` new tokens, alternating,
+`--repeats` timed calls each after a warm-up call; once with the plain model and once with a LoRA
+adapter (r 16, every linear layer, random B so that it changes the model; PEFT, installed with
+`.[test]` or `.[lora]`) on it. Reports the median seconds per call, the speed-up, and whether both
+backends drew the same tokens from the same seed (they must for the plain model; with LoRA on CPU
+the update is folded into the weights, so there they agree up to float rounding).
+
+Prints a Markdown table, then one line of JSON; writes benchmarks/results/generation.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from typing import Any
+
+from common import add_common_arguments, commit, machine, write_results
+from throughput import MODEL_SIZES, build_model, prompt_records
+
+BACKENDS = ("auto", "transformers")
+
+
+def time_backends(model: Any, tokenizer: Any, rows: int, tokens: int, repeats: int) -> dict[str, Any]:
+    import torch
+
+    from retrain.trainer.sampler import BatchingSampler
+
+    contexts = [tokenizer(prompt_records(1)[0]["prompt"])["input_ids"]] * rows
+    samplers = {b: BatchingSampler(model, tokenizer, max_new_tokens=tokens, min_new_tokens=tokens, backend=b) for b in BACKENDS}
+    outputs, seconds = {}, {b: [] for b in BACKENDS}
+    for backend, sampler in samplers.items():
+        torch.manual_seed(0)
+        outputs[backend] = sampler._generate_batch(contexts, tokens)  # warm-up, and the draws compared below
+    for repeat in range(repeats):
+        for backend in BACKENDS if repeat % 2 == 0 else BACKENDS[::-1]:
+            started = time.perf_counter()
+            sampler_output = samplers[backend]._generate_batch(contexts, tokens)
+            seconds[backend].append(time.perf_counter() - started)
+            if any(len(row) != tokens for row in sampler_output):
+                raise RuntimeError(f"{backend}: a row stopped before {tokens} tokens")
+    medians = {b: statistics.median(seconds[b]) for b in BACKENDS}
+    return {
+        "own_decoder_used": samplers["auto"].uses_own_decoder,
+        "seconds_per_call": medians,
+        "speedup": medians["transformers"] / medians["auto"],
+        "same_tokens": outputs["auto"] == outputs["transformers"],
+        "raw_seconds": seconds,
+    }
+
+
+def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    import tempfile
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()[0]
+    results = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        model_dir = Path(scratch) / "model"
+        shape = build_model(model_dir, args.model_size)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        results["plain"] = time_backends(model, tokenizer, args.rows, args.tokens, args.repeats)
+        import peft
+
+        adapted = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+        for name, param in adapted.named_parameters():
+            if "lora_B" in name:  # PEFT starts B at zero; make the adapter change the model, as a trained one does
+                torch.nn.init.normal_(param, std=0.02)
+        results["lora"] = time_backends(adapted, tokenizer, args.rows, args.tokens, args.repeats)
+    return {
+        "benchmark": "generation", "commit": commit(), "machine": machine(load_before, torch.get_num_threads()),
+        "config": {"model_size": args.model_size, "rows": args.rows, "tokens": args.tokens, "repeats": args.repeats},
+        "model": shape, "results": results,
+    }
+
+
+def markdown(record: dict[str, Any]) -> str:
+    c, m = record["config"], record["model"]
+    lines = [
+        f"# Generation: retrain's decoder vs `generate` ({record['commit']}, {record['machine']['summary']})",
+        "",
+        f"Model `{m['size']}` ({m['parameters'] / 1e6:.2f}M parameters), one call of {c['rows']} rows x {c['tokens']} "
+        f"new tokens through `BatchingSampler`, median of {c['repeats']} calls.",
+        "",
+        "| policy | retrain decoder s/call | `generate` s/call | speed-up | same tokens |",
+        "| --- | ---: | ---: | ---: | --- |",
+    ]
+    for name, r in record["results"].items():
+        s = r["seconds_per_call"]
+        lines.append(f"| {name} | {s['auto']:.3f} | {s['transformers']:.3f} | {r['speedup']:.2f}x | {'yes' if r['same_tokens'] else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-size", choices=sorted(MODEL_SIZES), default="small")
+    parser.add_argument("--rows", type=int, default=32, help="rows decoded together (prompts x generations)")
+    parser.add_argument("--tokens", type=int, default=128, help="new tokens per row (forced)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per backend")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    add_common_arguments(parser, BACKENDS)
+    args = parser.parse_args(argv)
+    record = run_benchmark(args)
+    table = markdown(record)
+    write_results(args.out_dir, "generation", record, table)
+    print(table)
+    print(json.dumps({k: record[k] for k in ("benchmark", "commit", "config")} | {
+        "results": {name: {k: v for k, v in r.items() if k != "raw_seconds"} for name, r in record["results"].items()}}))
+
+
+if __name__ == "__main__":
+    main()

@@ -74,6 +74,10 @@ from common import add_common_arguments, commit, machine, run_script_child, writ
 LIBRARIES = ("retrain", "trl")
 # retrain's step, split by where the time goes (the rest of a step is the optimizer and the loop itself)
 PHASES = ("generation", "rollout_rest", "forward_and_loss", "backward")
+PHASE_LABELS = {
+    "generation": "generation", "rollout_rest": "rest of the rollout phase (episodes, rewards, packing, reference log-probs)",
+    "forward_and_loss": "forward and loss", "backward": "backward", "optimizer_and_loop": "optimizer and loop",
+}
 MODEL_SIZES = {  # TinyModelConfig fields
     "tiny": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "intermediate_size": 128},
     "small": {"hidden_size": 256, "num_layers": 4, "num_heads": 4, "intermediate_size": 1024},
@@ -382,7 +386,7 @@ def markdown(record: dict[str, Any]) -> str:
         )
     split = record.get("retrain_breakdown")
     if split:
-        parts = ", ".join(f"{name.replace('_', ' ')} {value:.3f} s ({100 * split['share_of_step'][name]:.0f}%)"
+        parts = ", ".join(f"{PHASE_LABELS.get(name, name)} {value:.3f} s ({100 * split['share_of_step'][name]:.0f}%)"
                           for name, value in split["seconds"].items())
         lines += ["", f"Where retrain's step goes (medians): {parts}. Generation runs at "
                       f"{100 * split['generation_fraction_of_floor']:.1f}% of its FLOP floor, the policy's forward and backward at "

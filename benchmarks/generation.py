@@ -24,7 +24,7 @@ import statistics
 import time
 from typing import Any
 
-from common import add_common_arguments, commit, machine, write_results
+from common import REPO, commit, machine, write_results
 from throughput import MODEL_SIZES, build_model, prompt_records
 
 BACKENDS = ("auto", "transformers")
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens", type=int, default=128, help="new tokens per row (forced)")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per backend")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
-    add_common_arguments(parser, BACKENDS)
+    parser.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"))
     args = parser.parse_args(argv)
     record = run_benchmark(args)
     table = markdown(record)

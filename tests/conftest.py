@@ -42,6 +42,9 @@ def family_model():
                     "original_max_position_embeddings": 16}
             return LlamaForCausalLM(LlamaConfig(**shape, num_attention_heads=4, num_key_value_heads=2, attention_bias=True,
                                                 mlp_bias=True, rope_parameters=rope))
+        if name == "llama-dynamic-rope":  # RoPE rescaled with the sequence length: not for retrain's decoder
+            return LlamaForCausalLM(LlamaConfig(**shape, num_attention_heads=4,
+                                                rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}))
         if name == "qwen2":
             return Qwen2ForCausalLM(Qwen2Config(**shape, num_attention_heads=4, num_key_value_heads=2))
         if name == "qwen3":

@@ -7,8 +7,6 @@ import doctest
 import pytest
 
 import retrain.reward.format_rewards as format_rewards
-from retrain.data.records import PromptRecord
-from retrain.environment.base import EnvironmentObservation, LLMAction, Trajectory, Turn
 from retrain.reward.calculator import RewardCalculator, RewardError, RewardSpec
 from retrain.reward.format_rewards import answer_tag_match, tag_content, think_answer_format, xml_tags_present
 
@@ -130,22 +128,11 @@ def test_tag_content():
 # --------------------------------------------------------------------------- through the calculator
 
 
-def _trajectory(completion: str, answer=None) -> Trajectory:
-    action = LLMAction(text=completion, token_ids=[1] * len(completion))
-    return Trajectory(
-        record=PromptRecord(prompt="q", answer=answer),
-        prompt_ids=[0],
-        completion_ids=list(action.token_ids),
-        completion_mask=[1] * len(completion),
-        turns=[Turn(action=action, observation=EnvironmentObservation(done=True))],
-    )
-
-
-def test_each_format_reward_through_the_calculator():
+def test_each_format_reward_through_the_calculator(one_turn):
     rollouts = [
-        _trajectory("<think>6*7</think>\n<answer>42</answer>", answer="42"),
-        _trajectory("<think>6*7</think> so <answer>41</answer>", answer="42"),
-        _trajectory("42", answer="42"),
+        one_turn("<think>6*7</think>\n<answer>42</answer>", answer="42"),
+        one_turn("<think>6*7</think> so <answer>41</answer>", answer="42"),
+        one_turn("42", answer="42"),
     ]
     for name, expected in [
         ("think_answer_format", [1.0, 0.0, 0.0]),
@@ -157,7 +144,7 @@ def test_each_format_reward_through_the_calculator():
         assert result.components == {name: expected}
 
 
-def test_format_rewards_combined_with_options():
+def test_format_rewards_combined_with_options(one_turn):
     calculator = RewardCalculator(
         [
             RewardSpec(name="think_answer_format", weight=0.5, kwargs={"think_tag": "reasoning"}),
@@ -165,14 +152,14 @@ def test_format_rewards_combined_with_options():
             RewardSpec(name="answer_tag_match", weight=1.0, kwargs={"ignore_case": True}),
         ]
     )
-    result = calculator.score([_trajectory("<reasoning>r</reasoning><answer>Yes</answer>", answer="yes")])
+    result = calculator.score([one_turn("<reasoning>r</reasoning><answer>Yes</answer>", answer="yes")])
     # 0.5 * 1.0 + 0.25 * (2/3) + 1.0 * 1.0
     assert result.total == [pytest.approx(0.5 + 0.25 * 2 / 3 + 1.0)]
 
 
-def test_answer_tag_match_without_answer_stops_the_calculator():
+def test_answer_tag_match_without_answer_stops_the_calculator(one_turn):
     with pytest.raises(RewardError, match="answer_tag_match"):
-        RewardCalculator([RewardSpec(name="answer_tag_match")]).score([_trajectory("<answer>1</answer>")])
+        RewardCalculator([RewardSpec(name="answer_tag_match")]).score([one_turn("<answer>1</answer>")])
 
 
 def test_doctests_pass():

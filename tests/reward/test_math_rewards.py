@@ -16,8 +16,6 @@ import pytest
 pytest.importorskip("math_verify")
 
 import retrain.reward.math_rewards as math_rewards
-from retrain.data.records import PromptRecord
-from retrain.environment.base import EnvironmentObservation, LLMAction, Trajectory, Turn
 from retrain.reward.calculator import RewardCalculator, RewardError, RewardSpec
 from retrain.reward.math_rewards import boxed_answer, math_verify
 
@@ -229,41 +227,30 @@ def test_workers_are_reused_and_bounded():
 # --------------------------------------------------------------------------- through the calculator
 
 
-def _trajectory(completion: str, answer) -> Trajectory:
-    action = LLMAction(text=completion, token_ids=[1] * len(completion))
-    return Trajectory(
-        record=PromptRecord(prompt="Compute.", answer=answer),
-        prompt_ids=[0],
-        completion_ids=list(action.token_ids),
-        completion_mask=[1] * len(completion),
-        turns=[Turn(action=action, observation=EnvironmentObservation(done=True))],
-    )
-
-
-def test_through_the_reward_calculator():
+def test_through_the_reward_calculator(one_turn):
     calculator = RewardCalculator([RewardSpec(name="math_verify")])
     result = calculator.score(
         [
-            _trajectory(r"so \boxed{0.5}", r"\frac{1}{2}"),
-            _trajectory(r"so \boxed{1+2x}", "2x+1"),
-            _trajectory(r"so \boxed{3}", "4"),
-            _trajectory("no answer", "4"),
+            one_turn(r"so \boxed{0.5}", r"\frac{1}{2}"),
+            one_turn(r"so \boxed{1+2x}", "2x+1"),
+            one_turn(r"so \boxed{3}", "4"),
+            one_turn("no answer", "4"),
         ]
     )
     assert result.total == [1.0, 1.0, 0.0, 0.0]
     assert result.components == {"math_verify": [1.0, 1.0, 0.0, 0.0]}
 
 
-def test_through_the_calculator_with_options_and_weight():
+def test_through_the_calculator_with_options_and_weight(one_turn):
     calculator = RewardCalculator([RewardSpec(name="math_verify", weight=2.0, kwargs={"boxed_only": True, "verify_timeout": None})])
-    result = calculator.score([_trajectory("Answer: 4", "4"), _trajectory(r"\boxed{4}", "4")])
+    result = calculator.score([one_turn("Answer: 4", "4"), one_turn(r"\boxed{4}", "4")])
     assert result.total == [0.0, 2.0]
 
 
-def test_calculator_reports_a_missing_answer():
+def test_calculator_reports_a_missing_answer(one_turn):
     calculator = RewardCalculator([RewardSpec(name="math_verify")])
     with pytest.raises(RewardError, match="math_verify"):
-        calculator.score([_trajectory(r"\boxed{4}", None)])
+        calculator.score([one_turn(r"\boxed{4}", None)])
 
 
 def test_doctests_pass():

@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-from retrain.trainer.decoding import KVDecoder, filter_logits, sample, supports, unsupported_reason
+from retrain.trainer.decoding import KVDecoder, sample, supports, unsupported_reason
 from retrain.trainer.sampler import BatchingSampler
-
-FAMILY_SHAPE = {"vocab_size": 40, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "max_position_embeddings": 64}
 
 FAMILIES = ["llama-gqa-bias", "qwen2", "qwen3", "mistral"]
 
@@ -69,23 +66,6 @@ def test_tiny_local_model_decodes_identically_with_padding(tiny_model_dir):
     torch.testing.assert_close(decoder.prefill(prompts, mask), _reference_logits(model, prompts, mask), atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 0, 1.0), (1.0, 5, 1.0), (1.0, 0, 0.8), (1.3, 7, 0.6), (0.5, 40, 0.95)])
-def test_filtering_matches_transformers_warpers(temperature, top_k, top_p):
-    torch.manual_seed(1)
-    logits = torch.randn(6, 30) * 3
-    expected = logits.clone()
-    warpers = []
-    if temperature != 1.0:
-        warpers.append(TemperatureLogitsWarper(temperature))
-    if top_k:
-        warpers.append(TopKLogitsWarper(top_k))
-    if top_p < 1.0:
-        warpers.append(TopPLogitsWarper(top_p))
-    for warper in warpers:
-        expected = warper(None, expected)
-    torch.testing.assert_close(filter_logits(logits, temperature, top_k, top_p), expected)
-
-
 def test_rows_end_at_their_first_eos_and_pad_after_it(tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     vocab = model.config.vocab_size
@@ -120,7 +100,7 @@ def test_sampler_backends_draw_the_same_tokens(tiny_model_dir):
     assert outputs["auto"] == outputs["transformers"]
 
 
-def test_unsupported_models_use_generate(tiny_model_dir):
+def test_unsupported_models_use_generate(tiny_model_dir, family_model):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir, padding_side="left")
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=tokenizer.vocab_size + 4, n_embd=16, n_layer=1, n_head=2))
     assert "GPT2LMHeadModel" in unsupported_reason(gpt2)
@@ -136,8 +116,7 @@ def test_unsupported_models_use_generate(tiny_model_dir):
     embedding = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), peft.LoraConfig(r=2, target_modules=["embed_tokens"]))
     assert "embed_tokens" in unsupported_reason(embedding)
 
-    dynamic = LlamaForCausalLM(LlamaConfig(**FAMILY_SHAPE, num_attention_heads=4, rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}))
-    assert "dynamic" in unsupported_reason(dynamic)
+    assert "dynamic" in unsupported_reason(family_model("llama-dynamic-rope"))
 
 
 @pytest.mark.parametrize("pack", [True, False], ids=["packed", "in-place"])

@@ -16,8 +16,8 @@ than `generate` in `benchmarks/throughput.py`, see `benchmarks/NOTES.md`):
   larger matrix products, in the layout MKL multiplies fastest. On accelerators the model's own
   weights are used as they are (no copy).
 
-Sampling follows `transformers`' order and meaning: suppress end-of-sequence until
-`min_new_tokens`, then temperature, top-k, top-p, then draw with `torch.multinomial`; a row that
+Sampling uses `transformers`' own temperature/top-k/top-p warpers in `generate`'s order, after
+suppressing end-of-sequence until `min_new_tokens`, then draws with `torch.multinomial`; a row that
 has ended emits padding, and the loop stops when every row has ended.
 
 LoRA adapters (PEFT) are supported: each adapted projection adds `scaling * B @ A` -- folded into
@@ -313,21 +313,18 @@ class KVDecoder:
         return self.lm_head(_rms_norm(hidden[:, -1], *self.final_norm))[0]
 
 
-def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """Temperature, then top-k, then top-p (nucleus) filtering, as `transformers`' warpers do:
-    filtered entries become -inf; top-p keeps the smallest set whose probability reaches `top_p`
-    (always including the most likely token)."""
+def _warpers(temperature: float, top_k: int, top_p: float) -> list:
+    """`transformers`' own temperature, top-k and top-p warpers, in the order `generate` applies them."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    warpers = []
     if temperature != 1.0:
-        logits = logits / temperature
-    if top_k and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        warpers.append(TemperatureLogitsWarper(temperature))
+    if top_k:
+        warpers.append(TopKLogitsWarper(top_k))
     if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=False, dim=-1)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cumulative <= 1 - top_p  # never the most likely token: its cumulative sum is 1
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return logits
+        warpers.append(TopPLogitsWarper(top_p))
+    return warpers
 
 
 @torch.no_grad()
@@ -351,12 +348,15 @@ def sample(
     eos = torch.tensor(list(eos_token_ids), device=input_ids.device, dtype=torch.long)
     logits = decoder.prefill(input_ids, attention_mask)
     ended = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+    warpers = _warpers(temperature, top_k, top_p)
     out = []
     for step in range(max_new_tokens):
         logits = logits.float()
         if step < min_new_tokens and eos.numel():
             logits = logits.index_fill(-1, eos, float("-inf"))
-        probs = filter_logits(logits, temperature, top_k, top_p).softmax(-1)
+        for warper in warpers:  # they read only the scores, not the ids
+            logits = warper(None, logits)
+        probs = logits.softmax(-1)
         tokens = torch.multinomial(probs, 1).squeeze(1)
         tokens = tokens.masked_fill(ended, pad_token_id)
         out.append(tokens)

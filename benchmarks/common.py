@@ -41,15 +41,25 @@ def commit() -> str:
     return short + ("+dirty" if dirty else "")
 
 
-def machine(load_at_start: float, threads: int) -> dict[str, Any]:
-    """The machine, the library versions, the torch threads the runs used and the load around them."""
-    from importlib.metadata import version
+def machine(load_at_start: float, threads: int, device: str = "cpu") -> dict[str, Any]:
+    """The machine (and GPU, on `device` "cuda"), the library versions, the torch threads the runs used
+    and the load around them."""
+    from importlib.metadata import PackageNotFoundError, version
 
+    import torch
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:  # e.g. retrain run from src/ on PYTHONPATH
+            return "not installed"
+
+    gpu = torch.cuda.get_device_name() if device == "cuda" else None
     return {
-        "summary": f"{platform.machine()}, {os.cpu_count()} CPUs, {threads} torch threads",
+        "summary": f"{platform.machine()}, {os.cpu_count()} CPUs, {threads} torch threads" + (f", {gpu}" if gpu else ""),
         "platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
-        "torch_threads": threads, "python": platform.python_version(),
-        "versions": {name: version(name) for name in ("torch", "transformers", "trl", "lightning", "retrain")},
+        "torch_threads": threads, "python": platform.python_version(), "gpu": gpu,
+        "versions": {name: installed(name) for name in ("torch", "transformers", "trl", "lightning", "retrain")},
         "load_average_1min": {"start": load_at_start, "end": os.getloadavg()[0]},
     }
 

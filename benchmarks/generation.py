@@ -2,6 +2,7 @@
 
     python benchmarks/generation.py                  # small model, 32 rows x 128 tokens, with and without LoRA
     python benchmarks/generation.py --rows 2 --tokens 4 --model-size tiny --repeats 1   # smoke test
+    python benchmarks/generation.py --device cuda --dtype bfloat16 --model-size medium --rows 64   # on a GPU
 
 The same `BatchingSampler` the trainer uses serves one batch of `--rows` identical prompts with
 `backend="auto"` (retrain's KV-cached decoder, `retrain.trainer.decoding`) and with
@@ -41,10 +42,12 @@ def time_backends(model: Any, tokenizer: Any, rows: int, tokens: int, repeats: i
     for backend, sampler in samplers.items():
         torch.manual_seed(0)
         outputs[backend] = sampler._generate_batch(contexts, tokens)  # warm-up, and the draws compared below
+    sync = torch.cuda.synchronize if next(model.parameters()).is_cuda else (lambda: None)
     for repeat in range(repeats):
         for backend in BACKENDS if repeat % 2 == 0 else BACKENDS[::-1]:
+            sync()
             started = time.perf_counter()
-            sampler_output = samplers[backend]._generate_batch(contexts, tokens)
+            sampler_output = samplers[backend]._generate_batch(contexts, tokens)  # returns lists: already synchronized
             seconds[backend].append(time.perf_counter() - started)
             if any(len(row) != tokens for row in sampler_output):
                 raise RuntimeError(f"{backend}: a row stopped before {tokens} tokens")
@@ -73,7 +76,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         model_dir = Path(scratch) / "model"
         shape = build_model(model_dir, args.model_size)
         tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
-        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype)).to(args.device)
         results["plain"] = time_backends(model, tokenizer, args.rows, args.tokens, args.repeats)
         import peft
 
@@ -83,8 +86,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 torch.nn.init.normal_(param, std=0.02)
         results["lora"] = time_backends(adapted, tokenizer, args.rows, args.tokens, args.repeats)
     return {
-        "benchmark": "generation", "commit": commit(), "machine": machine(load_before, torch.get_num_threads()),
-        "config": {"model_size": args.model_size, "rows": args.rows, "tokens": args.tokens, "repeats": args.repeats},
+        "benchmark": "generation", "commit": commit(), "machine": machine(load_before, torch.get_num_threads(), args.device),
+        "config": {"model_size": args.model_size, "rows": args.rows, "tokens": args.tokens, "repeats": args.repeats,
+                   "device": args.device, "dtype": args.dtype},
         "model": shape, "results": results,
     }
 
@@ -94,7 +98,7 @@ def markdown(record: dict[str, Any]) -> str:
     lines = [
         f"# Generation: retrain's decoder vs `generate` ({record['commit']}, {record['machine']['summary']})",
         "",
-        f"Model `{m['size']}` ({m['parameters'] / 1e6:.2f}M parameters), one call of {c['rows']} rows x {c['tokens']} "
+        f"Model `{m['size']}` ({m['parameters'] / 1e6:.2f}M parameters, {c.get('dtype', 'float32')} on {c.get('device', 'cpu')}), one call of {c['rows']} rows x {c['tokens']} "
         f"new tokens through `BatchingSampler`, median of {c['repeats']} calls.",
         "",
         "| policy | retrain decoder s/call | `generate` s/call | speed-up | same tokens |",
@@ -113,6 +117,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens", type=int, default=128, help="new tokens per row (forced)")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per backend")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="the model's weights")
     parser.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"))
     args = parser.parse_args(argv)
     record = run_benchmark(args)

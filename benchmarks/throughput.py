@@ -8,6 +8,8 @@
                                                    # both: forward/backward 8 rollouts at a time
     python benchmarks/throughput.py --model-size tiny --steps 2 --repeats 1 --prompts 2 --generations 2 \
         --completion-length 4                      # smoke test (tests/test_benchmarks.py)
+    python benchmarks/throughput.py --device cuda --dtype bfloat16 --model-size medium --prompts 8 --generations 8
+                                                   # on a GPU: a 113M model in bf16 (benchmarks/gpu.sh)
 
 Run it on an otherwise idle machine: with other processes on the cores, every multi-threaded small
 op waits for a descheduled thread and wall times inflate many-fold (`--threads 1` is far less
@@ -81,6 +83,8 @@ PHASE_LABELS = {
 MODEL_SIZES = {  # TinyModelConfig fields
     "tiny": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "intermediate_size": 128},
     "small": {"hidden_size": 256, "num_layers": 4, "num_heads": 4, "intermediate_size": 1024},
+    # GPU runs (--device cuda): ~85M parameters, GPT-2 small's shape with a Llama block
+    "medium": {"hidden_size": 768, "num_layers": 12, "num_heads": 12, "intermediate_size": 3072},
 }
 
 
@@ -99,6 +103,8 @@ class Spec:
     seed: int = 0
     generation_backend: str = "auto"  # retrain's; "transformers" measures it with `generate` instead of its own decoder
     micro_batch_size: int = 0  # rollouts per forward/backward in both libraries; 0 = a step's rollouts at once
+    device: str = "cpu"  # "cpu" or "cuda"
+    dtype: str = "float32"  # weights (and compute) in both libraries: "float32" or "bfloat16"
 
     @property
     def completion_tokens_per_step(self) -> int:
@@ -178,14 +184,14 @@ def run_retrain(spec: Spec) -> dict[str, Any]:
             self.marks: list[tuple[float, float]] = []  # (wall, CPU) at each step end
 
         def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-            self.marks.append((time.perf_counter(), time.process_time()))
+            self.marks.append(_mark(spec))
 
         def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-            self.marks.append((time.perf_counter(), time.process_time()))
+            self.marks.append(_mark(spec))
 
     pl.seed_everything(spec.seed, verbose=False)
     algo = EqualWorkGRPO(
-        policy=PolicyConfig(name_or_path=spec.model_dir),
+        policy=PolicyConfig(name_or_path=spec.model_dir, dtype=spec.dtype),
         reward=RewardCalculator([RewardSpec(name="retrain.tasks.repeat_letter:letter_fraction")]),
         num_generations=spec.generations, max_completion_length=spec.completion_length,
         learning_rate=spec.learning_rate, beta=spec.beta, loss_type="dapo", generation_backend=spec.generation_backend,
@@ -194,7 +200,8 @@ def run_retrain(spec: Spec) -> dict[str, Any]:
     data = PromptDataModule(prompts=prompt_records(spec.prompts * (spec.steps + 1)), batch_size=spec.prompts, seed=spec.seed)
     timer = StepTimer()
     algo.fit(
-        data, max_steps=spec.steps + 1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        data, max_steps=spec.steps + 1, accelerator="gpu" if spec.device == "cuda" else "cpu", devices=1,
+        precision="bf16-true" if spec.dtype == "bfloat16" else "32-true", logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
     )
     # gather_experience's time includes generation: keep only the rest (episodes, rewards, packing, advantages)
@@ -215,15 +222,16 @@ def run_trl(spec: Spec, scratch: str) -> dict[str, Any]:
             self.marks: list[tuple[float, float]] = []  # (wall, CPU) at each step end
 
         def on_train_begin(self, *args: Any, **kwargs: Any) -> None:
-            self.marks.append((time.perf_counter(), time.process_time()))
+            self.marks.append(_mark(spec))
 
         def on_step_end(self, *args: Any, **kwargs: Any) -> None:
-            self.marks.append((time.perf_counter(), time.process_time()))
+            self.marks.append(_mark(spec))
 
     rollouts = spec.prompts * spec.generations
     micro = spec.micro_batch_size or rollouts
     config = GRPOConfig(
-        output_dir=scratch, report_to="none", use_cpu=True, bf16=False, activation_checkpointing=False,
+        output_dir=scratch, report_to="none", use_cpu=spec.device == "cpu", bf16=spec.dtype == "bfloat16",
+        model_init_kwargs={"dtype": spec.dtype}, activation_checkpointing=False,
         logging_steps=10**9, save_strategy="no", disable_tqdm=True, seed=spec.seed,
         # micro-batches of `micro_batch_size`, accumulated into one optimizer step; TRL generates the
         # whole step's rollouts in one call (steps_per_generation defaults to gradient_accumulation_steps)
@@ -239,6 +247,15 @@ def run_trl(spec: Spec, scratch: str) -> dict[str, Any]:
     )
     trainer.train()
     return {"marks": timer.marks, "completion_lengths": letter_fraction_batch.tokens, "torch_threads": torch.get_num_threads()}
+
+
+def _mark(spec: Spec) -> tuple[float, float]:
+    """(wall, process CPU) seconds now; on a GPU after its queued work has finished."""
+    if spec.device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+    return time.perf_counter(), time.process_time()
 
 
 def child_main(library: str, spec: Spec, result_file: str) -> None:
@@ -258,10 +275,20 @@ def child_main(library: str, spec: Spec, result_file: str) -> None:
         "completion_lengths": raw["completion_lengths"],
         "phase_seconds": {name: values[1:] for name, values in raw.get("phases", {}).items()},  # timed steps only
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # ru_maxrss is KiB on Linux
+        "peak_gpu_mb": _peak_gpu_mb(spec),
         "torch_threads": raw["torch_threads"],
         "process_seconds": time.perf_counter() - started,
     }
     Path(result_file).write_text(json.dumps(result))
+
+
+def _peak_gpu_mb(spec: Spec) -> float | None:
+    """The most GPU memory torch's allocator held for tensors at once (None on CPU)."""
+    if spec.device != "cuda":
+        return None
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20
 
 
 # ---------------------------------------------------------------------------------------- parent
@@ -300,18 +327,24 @@ def step_flops(model: dict[str, Any], spec: Spec, prompt_length: int) -> dict[st
     return flops
 
 
-def matmul_rate(size: int = 1024, repeats: int = 3, trials: int = 20) -> float:
-    """Best-of-`trials` float32 matmul FLOP/s at the current thread count (short trials, so that on a
-    shared machine at least one of them runs uninterrupted)."""
+def matmul_rate(device: str = "cpu", dtype: str = "float32", repeats: int = 3, trials: int = 20) -> float:
+    """Best-of-`trials` matmul FLOP/s in `dtype` on `device` (CPU: 1024^3 at the current thread count;
+    GPU: 8192^3, as large as the chip's best). Short trials, so that on a shared machine at least one
+    of them runs uninterrupted."""
     import torch
 
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    size = 8192 if device == "cuda" else 1024
+    a = torch.randn(size, size, device=device, dtype=getattr(torch, dtype))
+    b = torch.randn(size, size, device=device, dtype=getattr(torch, dtype))
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     torch.matmul(a, b)
+    sync()
     best = float("inf")
     for _ in range(trials):
         started = time.perf_counter()
         for _ in range(repeats):
             torch.matmul(a, b)
+        sync()
         best = min(best, time.perf_counter() - started)
     return 2 * size**3 * repeats / best
 
@@ -336,6 +369,7 @@ def summarize(runs: list[dict[str, Any]], spec: Spec, floor_seconds: float) -> d
             "seconds_per_step": seconds,
             "completion_tokens_per_second": spec.completion_tokens_per_step / seconds,
             "peak_rss_mb": max(r["peak_rss_mb"] for r in mine),
+            **({"peak_gpu_mb": max(r["peak_gpu_mb"] for r in mine)} if spec.device == "cuda" else {}),
             "fraction_of_flop_floor": floor_seconds / seconds,
             "cpu_seconds_per_step": statistics.median([t for r in mine for t in r["step_cpu_seconds"]]),
             "repeat_medians": [statistics.median(r["step_seconds"]) for r in mine],
@@ -368,21 +402,27 @@ def markdown(record: dict[str, Any]) -> str:
         "",
         f"Model `{m['size']}`: {m['parameters'] / 1e6:.2f}M parameters (hidden {m['hidden_size']}, {m['num_layers']} layers, "
         f"vocab {m['vocab_size']}). {c['prompts']} prompts x {c['generations']} generations x {c['completion_length']} "
-        f"completion tokens (prompt {c['prompt_length']} tokens), beta {c['beta']}, micro-batch "
+        f"completion tokens (prompt {c['prompt_length']} tokens), {c.get('dtype', 'float32')} on {c.get('device', 'cpu')}, "
+        f"beta {c['beta']}, micro-batch "
         f"{c.get('micro_batch_size') or 'all'}, retrain generation_backend {c.get('generation_backend', 'auto')}, "
         f"{c['steps']} timed steps after 1 warm-up, "
         f"{c['repeats']} repetitions. FLOP floor {record['flop_floor']['seconds'] * 1e3:.1f} ms/step "
         f"({record['flop_floor']['flops_per_step'] / 1e9:.2f} GFLOP at {record['flop_floor']['matmul_gflops']:.1f} GFLOP/s).",
         "",
-        "| library | s/step (median) | completion tok/s | peak RSS MB | % of FLOP floor | s/step vs TRL | CPU s/step |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    gpu = "peak_gpu_mb" in rows["trl"]
+    lines += [
+        "| library | s/step (median) | completion tok/s | peak RSS MB |" + (" peak GPU MB |" if gpu else "")
+        + " % of FLOP floor | s/step vs TRL | CPU s/step |",
+        "| --- | ---: | ---: | ---: |" + (" ---: |" if gpu else "") + " ---: | ---: | ---: |",
     ]
     for library in LIBRARIES:
         r = rows[library]
         ratio = r["seconds_per_step"] / rows["trl"]["seconds_per_step"]
         lines.append(
-            f"| {library} | {r['seconds_per_step']:.3f} | {r['completion_tokens_per_second']:.0f} | {r['peak_rss_mb']:.0f} "
-            f"| {100 * r['fraction_of_flop_floor']:.1f}% | {ratio:.2f}x | {r['cpu_seconds_per_step']:.3f} |"
+            f"| {library} | {r['seconds_per_step']:.3f} | {r['completion_tokens_per_second']:.0f} | {r['peak_rss_mb']:.0f} |"
+            + (f" {r['peak_gpu_mb']:.0f} |" if gpu else "")
+            + f" {100 * r['fraction_of_flop_floor']:.1f}% | {ratio:.2f}x | {r['cpu_seconds_per_step']:.3f} |"
         )
     split = record.get("retrain_breakdown")
     if split:
@@ -409,6 +449,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--generations", type=int, default=8, help="num_generations (rollouts per prompt)")
     parser.add_argument("--completion-length", type=int, default=128, help="max_completion_length; every completion is forced to it")
     parser.add_argument("--model-size", choices=sorted(MODEL_SIZES), default="small")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where both libraries train")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="both libraries' weights and compute (bfloat16: retrain precision bf16-true, TRL bf16=True)")
     parser.add_argument("--beta", type=float, default=0.0, help="KL coefficient for both (> 0 adds a reference model)")
     parser.add_argument("--learning-rate", type=float, default=1e-5)
     parser.add_argument("--threads", type=int, default=0, help="torch threads for both libraries (0 = torch's default)")
@@ -438,22 +481,22 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         model = build_model(model_dir, args.model_size)
         spec = Spec(str(model_dir), args.prompts, args.generations, args.completion_length, args.steps, args.learning_rate,
                     args.beta, args.threads, generation_backend=args.retrain_generation_backend,
-                    micro_batch_size=args.micro_batch_size)
+                    micro_batch_size=args.micro_batch_size, device=args.device, dtype=args.dtype)
         if args.micro_batch_size and spec.prompts * spec.generations % args.micro_batch_size:
             raise SystemExit(f"--micro-batch-size {args.micro_batch_size} must divide prompts x generations")
         prompt_length = len(AutoTokenizer.from_pretrained(model_dir)(prompt_records(1)[0]["prompt"])["input_ids"])
-        rate = matmul_rate()
+        rate = matmul_rate(args.device, args.dtype)
         runs = []
         for repeat in range(args.repeats):  # ABBA order, so drift in machine load hits both alike
             for library in LIBRARIES if repeat % 2 == 0 else LIBRARIES[::-1]:
                 runs.append({**run_child(library, spec), "repeat": repeat})
-        rate = max(rate, matmul_rate())  # once more at the end: the better of the two
+        rate = max(rate, matmul_rate(args.device, args.dtype))  # once more at the end: the better of the two
     flops = step_flops(model, spec, prompt_length)
     floor = flops["total"] / rate
     return {
         "benchmark": "throughput",
         "commit": commit(),
-        "machine": machine(load_before[0], torch.get_num_threads()),
+        "machine": machine(load_before[0], torch.get_num_threads(), args.device),
         "config": {**{k: v for k, v in asdict(spec).items() if k != "model_dir"}, "repeats": args.repeats,
                    "prompt_length": prompt_length, "completion_tokens_per_step": spec.completion_tokens_per_step},
         "model": model,

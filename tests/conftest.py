@@ -15,6 +15,15 @@ import pytest
 
 
 @pytest.fixture(scope="session")
+def device():
+    """Where device-agnostic numerical tests run: the CPU, or `RETRAIN_TEST_DEVICE` (e.g. "cuda" on a
+    GPU machine: `RETRAIN_TEST_DEVICE=cuda pytest tests/trainer/test_decoding.py`)."""
+    import torch
+
+    return torch.device(os.environ.get("RETRAIN_TEST_DEVICE", "cpu"))
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory):
     """A tiny character-level Llama written to disk once per test session."""
     from retrain.models.tiny import TinyModelConfig, build_tiny_model

@@ -19,16 +19,18 @@ def _reference_logits(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Ten
     return model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1]
 
 
-@pytest.mark.parametrize("pack", [True, False], ids=["packed", "in-place"])
+@pytest.mark.parametrize("mode", ["packed", "in-place", "static"])
 @pytest.mark.parametrize("family", FAMILIES)
 @torch.no_grad()
-def test_prefill_and_every_decoding_step_match_the_models_forward(family, pack, family_model):
-    model = family_model(family).eval()
-    prompts = torch.randint(3, 40, (3, 7))
+def test_prefill_and_every_decoding_step_match_the_models_forward(family, mode, family_model, device):
+    """static: fixed shapes (the whole cache, masked), and on CUDA every step after the second a
+    replay of one captured CUDA graph."""
+    model = family_model(family).to(device).eval()
+    prompts = torch.randint(3, 40, (3, 7), device=device)
     mask = torch.ones_like(prompts)
     mask[0, :4] = 0  # left padding of different lengths, and one row without
     mask[1, :1] = 0
-    decoder = KVDecoder(model, batch=3, max_length=7 + 5, pack=pack)
+    decoder = KVDecoder(model, batch=3, max_length=7 + 5, pack=mode == "packed", static=mode == "static")
     logits = decoder.prefill(prompts, mask)
     ids = prompts
     for _ in range(5):
@@ -37,15 +39,28 @@ def test_prefill_and_every_decoding_step_match_the_models_forward(family, pack, 
         token = expected.argmax(-1)
         ids, mask = torch.cat([ids, token[:, None]], 1), torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
         logits = decoder.decode(token)
+    assert decoder.graph_replays == (4 if mode == "static" and device.type == "cuda" else 0)  # steps 2-5 replayed
 
 
+def test_static_decoding_checks_its_capacity_and_cuda_graphs_need_cuda(family_model):
+    model = family_model("qwen2").eval()
+    decoder = KVDecoder(model, batch=1, max_length=3, static=True)
+    decoder.prefill(torch.tensor([[5, 6]]), torch.ones(1, 2, dtype=torch.long))
+    decoder.decode(torch.tensor([7]))
+    with pytest.raises(RuntimeError, match="all 3 cached positions"):
+        decoder.decode(torch.tensor([8]))
+    with pytest.raises(ValueError, match="CUDA"):
+        KVDecoder(model, batch=1, max_length=3, static=True, graph=True)
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
 @torch.no_grad()
-def test_bfloat16_policies_decode_like_their_forward(family_model):
-    model = family_model("qwen2").to(torch.bfloat16).eval()
-    prompts = torch.randint(3, 40, (2, 6))
+def test_bfloat16_policies_decode_like_their_forward(family_model, device, static):
+    model = family_model("qwen2").to(device, torch.bfloat16).eval()
+    prompts = torch.randint(3, 40, (2, 6), device=device)
     mask = torch.ones_like(prompts)
     mask[0, :2] = 0
-    decoder = KVDecoder(model, batch=2, max_length=9)
+    decoder = KVDecoder(model, batch=2, max_length=9, static=static)
     logits, ids = decoder.prefill(prompts, mask), prompts
     for _ in range(3):
         expected = _reference_logits(model, ids, mask)
@@ -57,21 +72,21 @@ def test_bfloat16_policies_decode_like_their_forward(family_model):
 
 
 @torch.no_grad()
-def test_tiny_local_model_decodes_identically_with_padding(tiny_model_dir):
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    prompts = torch.randint(4, 90, (2, 9))
+def test_tiny_local_model_decodes_identically_with_padding(tiny_model_dir, device):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).to(device).eval()
+    prompts = torch.randint(4, 90, (2, 9), device=device)
     mask = torch.ones_like(prompts)
     mask[1, :5] = 0
     decoder = KVDecoder(model, batch=2, max_length=12)
     torch.testing.assert_close(decoder.prefill(prompts, mask), _reference_logits(model, prompts, mask), atol=2e-5, rtol=1e-4)
 
 
-def test_rows_end_at_their_first_eos_and_pad_after_it(tiny_model_dir):
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+def test_rows_end_at_their_first_eos_and_pad_after_it(tiny_model_dir, device):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).to(device).eval()
     vocab = model.config.vocab_size
     keep, pad = 10, 0
     eos = [t for t in range(vocab) if t != keep]  # every token but one ends a row: rows end almost at once
-    prompts = torch.randint(4, 90, (16, 5))
+    prompts = torch.randint(4, 90, (16, 5), device=device)
     torch.manual_seed(0)
     out = sample(model, prompts, torch.ones_like(prompts), max_new_tokens=20, eos_token_ids=eos, pad_token_id=pad, min_new_tokens=3)
     assert (out[:, :3] == keep).all()  # end-of-sequence is suppressed before min_new_tokens
@@ -84,11 +99,11 @@ def test_rows_end_at_their_first_eos_and_pad_after_it(tiny_model_dir):
     assert out.size(1) == max(ended_at) + 1  # the loop stops once every row has ended
 
 
-def test_sampler_backends_draw_the_same_tokens(tiny_model_dir):
+def test_sampler_backends_draw_the_same_tokens(tiny_model_dir, device):
     """Same weights, same rules, same random draws: both backends produce the same rollouts, and a
     checkpoint's own generation defaults (as hub models ship them) change neither."""
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir, padding_side="left")
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).to(device)
     model.generation_config.update(repetition_penalty=5.0, min_p=0.5, suppress_tokens=[5, 6], top_k=3)
     contexts = [tokenizer("repeat a: ")["input_ids"], tokenizer("a much longer prompt: ")["input_ids"], tokenizer("x")["input_ids"]]
     outputs = {}
@@ -121,16 +136,16 @@ def test_unsupported_models_use_generate(tiny_model_dir, family_model):
 
 @pytest.mark.parametrize("pack", [True, False], ids=["packed", "in-place"])
 @torch.no_grad()
-def test_lora_policies_decode_with_their_adapter(tiny_model_dir, pack):
+def test_lora_policies_decode_with_their_adapter(tiny_model_dir, pack, device):
     peft = pytest.importorskip("peft")
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_bias=True)).eval()
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_bias=True)).to(device).eval()
     for name, param in model.named_parameters():
         if "lora_B" in name:  # PEFT starts B at zero; a trained adapter is not
             param.normal_(0, 0.5)
     assert supports(model) and BatchingSampler(model, AutoTokenizer.from_pretrained(tiny_model_dir), max_new_tokens=2).uses_own_decoder
-    prompts = torch.randint(4, 90, (3, 8))
+    prompts = torch.randint(4, 90, (3, 8), device=device)
     mask = torch.ones_like(prompts)
     mask[2, :3] = 0
     adapted = _reference_logits(model, prompts, mask)

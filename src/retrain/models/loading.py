@@ -95,7 +95,10 @@ def load_policy(config: PolicyConfig) -> PreTrainedModel:
         config.name_or_path, revision=config.revision, trust_remote_code=config.trust_remote_code, dtype=dtype
     )
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name warns, goes in v6
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False  # generation turns the cache back on explicitly (eval mode)
     return model if config.lora is None else _with_lora(model, config.lora)
 

@@ -58,6 +58,25 @@ LossTerm = Callable[[LossInputs], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 GroupFilter = Callable[["RLTrainer", Sequence[PromptRecord], list[Trajectory], RewardResult], tuple[list[Trajectory], RewardResult]]
 
 
+def check_strategy(strategy: Any) -> None:
+    """Refuse, before the policy loads or any rollout runs, a Lightning strategy that cannot run this
+    module's training step."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    if isinstance(strategy, FSDPStrategy):
+        # Seen on an H100 (benchmarks/NOTES.md): FSDP1 wraps the whole LightningModule, so
+        # training_step runs inside the root's forward, and the manual-optimization backward there
+        # trips FSDP1's state checks ("Expects BACKWARD_PRE or BACKWARD_POST state but got
+        # HandleTrainingState.FORWARD"; Lightning issue #19685). FSDP2 shards only the policy.
+        raise ConfigError(
+            "trainer.strategy: Lightning's FSDPStrategy (FSDP1) cannot run retrain's training step, which calls "
+            "backward inside FSDP1's root forward (Lightning issue #19685). Use FSDP2 instead:\n"
+            "  strategy:\n    class_path: lightning.pytorch.strategies.ModelParallelStrategy\n"
+            "    init_args: {data_parallel_size: <num_nodes x devices>, tensor_parallel_size: 1}\n"
+            "(configs/fsdp_multinode.yaml and configs/quickstart_fsdp.yaml show it in full)."
+        )
+
+
 class RLTrainer(pl.LightningModule, BaseTrainer):
     """Shared machinery of retrain's RL algorithms (see the module docstring).
 
@@ -256,6 +275,7 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
         return 1
 
     def setup(self, stage: str) -> None:
+        check_strategy(getattr(self._trainer, "strategy", None))
         if stage == "fit" and self._trainer is not None and self.trainer.world_size > 1:
             # seed_everything gives every rank the same seed; rollouts must differ per rank (as in
             # TRL). A resumed run then restores each rank's own saved state over this.

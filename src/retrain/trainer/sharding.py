@@ -30,9 +30,10 @@ policy in `shard_model`, from `PolicyConfig.sharded_generation`):
   (an all-reduce of "I have a batch"); at the end of the rollout phase, a rank that has no more
   batches keeps joining rounds with a one-token dummy `generate` until no rank has a batch.
 
-FSDP1 (Lightning's `FSDPStrategy`, which wraps the whole LightningModule) runs `training_step`
-inside the root's forward, where parameters cannot be gathered on demand, so a policy holding
-FSDP1-wrapped layers always decodes the "sharded" way.
+FSDP1-wrapped policies (`FullyShardedDataParallel`, as Lightning's `FSDPStrategy` wraps them) can
+be sampled from, always the "sharded" way: FSDP1 cannot gather inside its root's forward. Training
+under `FSDPStrategy` is refused (`retrain.trainer.module.check_strategy`): the manual-optimization
+backward inside that root forward breaks FSDP1 (seen on an H100, Lightning issue #19685).
 
 `generation_context` must wrap a phase that every rank enters exactly once per step: the trainer
 wraps the rollouts (and any re-rolls of `DynamicSampling`) of `gather_experience`, and those of

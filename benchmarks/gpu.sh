@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# What a lent GPU runs, in one call (the device tool's `run`, from the repository root, with the
+# wheels of the packages its image lacks in .whl/, carried): the decoder's numerical tests on CUDA,
+# the throughput and generation benchmarks on a larger model in bf16, and FSDP2 (the quickstart task
+# with bf16-mixed: a sharded checkpoint and a resume; an 85M model with gradient checkpointing; and
+# FSDP1 refused with its message). Results land in $OUT (copy them into benchmarks/results/gpu/).
+# Each part has its own time limit and runs even if an earlier one failed; the log says which passed.
+#   bash benchmarks/gpu.sh                       # every part; OUT defaults to /tmp/gpu-out
+#   bash benchmarks/gpu.sh fsdp throughput       # only these parts (decoder, throughput, generation, fsdp)
+#   STEPS=3 REPEATS=1 bash benchmarks/gpu.sh throughput   # a shorter throughput run
+set -u
+OUT=${OUT:-/tmp/gpu-out}
+parts=${*:-decoder throughput generation fsdp}
+want() { [[ " $parts " == *" $1 "* ]]; }
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
+log="$OUT/log.txt"
+step() { echo; echo "=== $1 ($(date +%T))"; }
+{
+  step "setup"
+  if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site
+  fi
+  python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . || export PYTHONPATH=${PYTHONPATH:-}:$PWD/src
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
+  python3 -c "import torch, transformers, trl, lightning, datasets, pyarrow, retrain; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| transformers', transformers.__version__, '| trl', trl.__version__, '| lightning', lightning.__version__, '| datasets', datasets.__version__, '| pyarrow', pyarrow.__version__)"
+  results=()
+
+  if want decoder; then
+    step "decoder tests on CUDA"
+    RETRAIN_TEST_DEVICE=cuda timeout 180 python3 -m pytest -q -p no:cacheprovider tests/trainer/test_decoding.py
+    results+=("decoder tests: exit $?")
+  fi
+
+  if want throughput; then
+    step "throughput: medium model, bf16, retrain vs TRL"
+    timeout 300 python3 benchmarks/throughput.py --device cuda --dtype bfloat16 --model-size medium --prompts 8 --generations 8 \
+      --completion-length 128 --steps "${STEPS:-5}" --repeats "${REPEATS:-2}" --out-dir "$OUT/throughput"
+    results+=("throughput: exit $?")
+  fi
+
+  if want generation; then
+    step "generation: decoder vs generate, medium model, bf16"
+    timeout 120 python3 benchmarks/generation.py --device cuda --dtype bfloat16 --model-size medium --rows 64 --tokens 128 \
+      --repeats 3 --out-dir "$OUT/generation"
+    results+=("generation: exit $?")
+  fi
+
+  if want fsdp; then
+    step "FSDP1 (FSDPStrategy) is refused with a clear message"
+    timeout 120 retrain fit --config configs/quickstart_fsdp.yaml --trainer.strategy fsdp --trainer.max_steps 2 > /tmp/fsdp1.txt 2>&1
+    code=$?
+    tail -8 /tmp/fsdp1.txt
+    [ $code -ne 0 ] && grep -q "cannot run retrain's training step" /tmp/fsdp1.txt
+    results+=("fsdp1 refused: exit $?")
+
+    step "quickstart under FSDP2 + bf16-mixed: 20 steps, sharded checkpoint, resume to 30"
+    rm -rf outputs/quickstart_fsdp
+    timeout 150 retrain fit --config configs/quickstart_fsdp.yaml --trainer.max_steps 20 --trainer.enable_progress_bar false \
+      && ls -R outputs/quickstart_fsdp/checkpoints | head -20 \
+      && timeout 150 retrain fit --config configs/quickstart_fsdp.yaml --trainer.max_steps 30 --trainer.enable_progress_bar false \
+        --ckpt_path outputs/quickstart_fsdp/checkpoints/last.ckpt \
+      && python3 -c "
+import csv, glob, math
+rows = [r for f in sorted(glob.glob('outputs/quickstart_fsdp/csv/*/metrics.csv')) for r in csv.DictReader(open(f))]
+steps = sorted({int(r['step']) for r in rows if r.get('train/reward')})
+assert steps[-1] == 29, steps
+assert all(math.isfinite(float(r['train/loss'])) for r in rows if r.get('train/loss')), 'non-finite loss'
+print('FSDP2: steps', steps[0], '..', steps[-1], 'logged across both runs; every loss finite')"
+    results+=("fsdp2 quickstart + resume: exit $?")
+
+    step "FSDP2 + bf16-mixed + gradient checkpointing on the medium model (85M body), 8 steps"
+    timeout 150 retrain fit --config configs/quickstart_fsdp.yaml --trainer.max_steps 8 --trainer.enable_progress_bar false \
+      --model.init_args.policy.name_or_path outputs/medium-llama --model.init_args.policy.tiny.hidden_size 768 \
+      --model.init_args.policy.tiny.num_layers 12 --model.init_args.policy.tiny.num_heads 12 \
+      --model.init_args.policy.tiny.intermediate_size 3072 --model.init_args.policy.gradient_checkpointing true \
+      --model.init_args.max_completion_length 64 --trainer.default_root_dir outputs/medium_fsdp --trainer.callbacks '[]' \
+      --trainer.logger '{class_path: lightning.pytorch.loggers.CSVLogger, init_args: {save_dir: outputs/medium_fsdp}}' \
+      && python3 -c "
+import csv, glob, math
+rows = [r for f in glob.glob('outputs/medium_fsdp/lightning_logs/*/metrics.csv') for r in csv.DictReader(open(f))]
+losses = [float(r['train/loss']) for r in rows if r.get('train/loss')]
+assert len(losses) == 8 and all(map(math.isfinite, losses)), losses
+print('medium FSDP2: 8 finite losses, first', losses[0], 'last', losses[-1])"
+    results+=("fsdp2 medium + gradient checkpointing: exit $?")
+  fi
+
+  step "summary"
+  printf '%s\n' "${results[@]}"
+} 2>&1 | tee "$log"

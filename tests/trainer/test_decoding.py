@@ -71,6 +71,26 @@ def test_bfloat16_policies_decode_like_their_forward(family_model, device, stati
         logits = decoder.decode(token)
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+@torch.no_grad()
+def test_mixed_precision_decoding_matches_the_forward_under_autocast(tiny_model_dir, device, static):
+    """`precision: bf16-mixed` samples under autocast: float32 weights and cache, bf16 products."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).to(device).eval()
+    prompts = torch.randint(4, 90, (3, 6), device=device)
+    mask = torch.ones_like(prompts)
+    mask[0, :2] = 0
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        decoder = KVDecoder(model, batch=3, max_length=9, static=static)
+        logits, ids = decoder.prefill(prompts, mask), prompts
+        for _ in range(3):
+            expected = _reference_logits(model, ids, mask)
+            torch.testing.assert_close(logits.float(), expected.float(), atol=3e-2, rtol=3e-2)
+            token = expected.argmax(-1)
+            ids, mask = torch.cat([ids, token[:, None]], 1), torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            logits = decoder.decode(token)
+    assert decoder.keys[0].dtype == torch.float32
+
+
 @torch.no_grad()
 def test_tiny_local_model_decodes_identically_with_padding(tiny_model_dir, device):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).to(device).eval()

@@ -341,7 +341,9 @@ class KVDecoder:
         fails, this call (and every later one) runs the same step eagerly."""
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
+            # thread_local: CUDA work that other threads do meanwhile (a reward model, say) is not
+            # an error for this capture
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self._static_step()
         except RuntimeError as err:
             warnings.warn(f"KVDecoder: CUDA graph capture failed ({err}); decoding eagerly instead.", stacklevel=3)
@@ -389,8 +391,10 @@ class KVDecoder:
                 values[:, :, start:end] = v.transpose(1, 2)
                 seen_keys, seen_values = keys[:, :, :end], values[:, :, :end]
             else:
-                keys.index_copy_(2, at, k.transpose(1, 2))
-                values.index_copy_(2, at, v.transpose(1, 2))
+                # under autocast (bf16-mixed) k and v may be bf16 over a float32 cache, and unlike
+                # slice assignment index_copy_ does not cast
+                keys.index_copy_(2, at, k.transpose(1, 2).to(keys.dtype))
+                values.index_copy_(2, at, v.transpose(1, 2).to(values.dtype))
                 seen_keys, seen_values = keys, values
             attended = F.scaled_dot_product_attention(
                 q.transpose(1, 2), seen_keys, seen_values, attn_mask=attn_mask,

@@ -2,7 +2,7 @@
 # What a lent GPU runs, in one call (the device tool's `run`, from the repository root, with the
 # wheels of the packages its image lacks in .whl/, carried): the decoder's numerical tests on CUDA,
 # the throughput and generation benchmarks on a larger model in bf16, and FSDP2 (the quickstart task
-# with bf16-mixed: a sharded checkpoint and a resume; an 85M model with gradient checkpointing; and
+# with bf16-mixed: a sharded checkpoint and a resume; the 113M model with gradient checkpointing; and
 # FSDP1 refused with its message). Results land in $OUT (copy them into benchmarks/results/gpu/).
 # Each part has its own time limit and runs even if an earlier one failed; the log says which passed.
 #   bash benchmarks/gpu.sh                       # every part; OUT defaults to /tmp/gpu-out
@@ -70,7 +70,7 @@ assert all(math.isfinite(float(r['train/loss'])) for r in rows if r.get('train/l
 print('FSDP2: steps', steps[0], '..', steps[-1], 'logged across both runs; every loss finite')"
     results+=("fsdp2 quickstart + resume: exit $?")
 
-    step "FSDP2 + bf16-mixed + gradient checkpointing on the medium model (85M body), 8 steps"
+    step "FSDP2 + bf16-mixed + gradient checkpointing on the medium model (113M), 8 steps"
     timeout 150 retrain fit --config configs/quickstart_fsdp.yaml --trainer.max_steps 8 --trainer.enable_progress_bar false \
       --model.init_args.policy.name_or_path outputs/medium-llama --model.init_args.policy.tiny.hidden_size 768 \
       --model.init_args.policy.tiny.num_layers 12 --model.init_args.policy.tiny.num_heads 12 \

@@ -83,7 +83,7 @@ PHASE_LABELS = {
 MODEL_SIZES = {  # TinyModelConfig fields
     "tiny": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "intermediate_size": 128},
     "small": {"hidden_size": 256, "num_layers": 4, "num_heads": 4, "intermediate_size": 1024},
-    # GPU runs (--device cuda): ~85M parameters, GPT-2 small's shape with a Llama block
+    # GPU runs (--device cuda): 113M parameters, GPT-2 small's width and depth with a Llama block
     "medium": {"hidden_size": 768, "num_layers": 12, "num_heads": 12, "intermediate_size": 3072},
 }
 

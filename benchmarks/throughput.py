@@ -4,6 +4,8 @@
     python benchmarks/throughput.py --beta 0.04    # both with a reference model
     python benchmarks/throughput.py --retrain-generation-backend transformers --out-dir /tmp/generate
                                                    # retrain sampling with `generate`, as TRL does
+    python benchmarks/throughput.py --retrain-compile --out-dir /tmp/compile
+                                                   # retrain with policy.compile (TRL as it runs by default)
     python benchmarks/throughput.py --micro-batch-size 8 --out-dir /tmp/mb8
                                                    # both: forward/backward 8 rollouts at a time
     python benchmarks/throughput.py --model-size tiny --steps 2 --repeats 1 --prompts 2 --generations 2 \
@@ -105,6 +107,7 @@ class Spec:
     micro_batch_size: int = 0  # rollouts per forward/backward in both libraries; 0 = a step's rollouts at once
     device: str = "cpu"  # "cpu" or "cuda"
     dtype: str = "float32"  # weights (and compute) in both libraries: "float32" or "bfloat16"
+    compile: bool = False  # retrain's PolicyConfig.compile (the loss's forward through torch.compile)
 
     @property
     def completion_tokens_per_step(self) -> int:
@@ -191,7 +194,7 @@ def run_retrain(spec: Spec) -> dict[str, Any]:
 
     pl.seed_everything(spec.seed, verbose=False)
     algo = EqualWorkGRPO(
-        policy=PolicyConfig(name_or_path=spec.model_dir, dtype=spec.dtype),
+        policy=PolicyConfig(name_or_path=spec.model_dir, dtype=spec.dtype, compile=spec.compile),
         reward=RewardCalculator([RewardSpec(name="retrain.tasks.repeat_letter:letter_fraction")]),
         num_generations=spec.generations, max_completion_length=spec.completion_length,
         learning_rate=spec.learning_rate, beta=spec.beta, loss_type="dapo", generation_backend=spec.generation_backend,
@@ -405,7 +408,7 @@ def markdown(record: dict[str, Any]) -> str:
         f"completion tokens (prompt {c['prompt_length']} tokens), {c.get('dtype', 'float32')} on {c.get('device', 'cpu')}, "
         f"beta {c['beta']}, micro-batch "
         f"{c.get('micro_batch_size') or 'all'}, retrain generation_backend {c.get('generation_backend', 'auto')}, "
-        f"{c['steps']} timed steps after 1 warm-up, "
+        f"retrain policy.compile {c.get('compile', False)}, {c['steps']} timed steps after 1 warm-up, "
         f"{c['repeats']} repetitions. FLOP floor {record['flop_floor']['seconds'] * 1e3:.1f} ms/step "
         f"({record['flop_floor']['flops_per_step'] / 1e9:.2f} GFLOP at {record['flop_floor']['matmul_gflops']:.1f} GFLOP/s).",
         "",
@@ -457,6 +460,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0, help="torch threads for both libraries (0 = torch's default)")
     parser.add_argument("--micro-batch-size", type=int, default=0,
                         help="rollouts per forward/backward pass in both libraries (0 = all of a step's at once)")
+    parser.add_argument("--retrain-compile", action="store_true",
+                        help="retrain's policy.compile: the loss's forward through torch.compile (compiled in the warm-up step)")
     parser.add_argument("--retrain-generation-backend", choices=["auto", "transformers"], default="auto",
                         help="retrain's generation_backend (transformers: sample with `generate`, as TRL does)")
     add_common_arguments(parser, LIBRARIES)
@@ -481,7 +486,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         model = build_model(model_dir, args.model_size)
         spec = Spec(str(model_dir), args.prompts, args.generations, args.completion_length, args.steps, args.learning_rate,
                     args.beta, args.threads, generation_backend=args.retrain_generation_backend,
-                    micro_batch_size=args.micro_batch_size, device=args.device, dtype=args.dtype)
+                    micro_batch_size=args.micro_batch_size, device=args.device, dtype=args.dtype, compile=args.retrain_compile)
         if args.micro_batch_size and spec.prompts * spec.generations % args.micro_batch_size:
             raise SystemExit(f"--micro-batch-size {args.micro_batch_size} must divide prompts x generations")
         prompt_length = len(AutoTokenizer.from_pretrained(model_dir)(prompt_records(1)[0]["prompt"])["input_ids"])

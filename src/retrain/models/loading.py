@@ -57,6 +57,13 @@ class PolicyConfig:
             full weights resident on each device while rolling out); "sharded" keeps them sharded
             and all-gathers layer by layer at every decoding step (least memory, ranks decode in
             lockstep). Ignored without FSDP2.
+        compile: run the policy's forward for the loss through `torch.compile` (dynamic shapes),
+            which fuses its element-wise work in the forward and backward passes. The first steps
+            pay the compilation (~15 s for the benchmark's 4M model on 2 CPU cores; new sequence
+            lengths rarely recompile), later ones train faster (fwd+bwd 0.68 -> 0.49 s there).
+            Sampling is unaffected (retrain's decoder does not call the forward), and so are
+            checkpoints (the compiled wrapper is not saved). On CPU, `torch.compile` needs a C++
+            compiler. Off by default: compiling costs more than it saves in short runs and tests.
     """
 
     name_or_path: str
@@ -67,6 +74,7 @@ class PolicyConfig:
     lora: Optional[LoraSettings] = None
     gradient_checkpointing: bool = False
     sharded_generation: Literal["gathered", "sharded"] = "gathered"
+    compile: bool = False
 
 
 # Checkpoints keep these in the module's hyperparameters. Allowlisting them lets `torch.load` read a

@@ -158,6 +158,7 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
         self.environment = environment or SingleTurnEnvironment()
         self.rollouts = RolloutEngine(self.environment, reward)
         self.policy: Optional[torch.nn.Module] = None
+        self._compiled_policy: Optional[torch.nn.Module] = None  # PolicyConfig.compile; not a submodule
         self.ref_policy: Optional[torch.nn.Module] = None
         self.tokenizer = None
         self.extra_loss_terms: list[LossTerm] = []  # added by callbacks, e.g. EntropyBonus
@@ -238,6 +239,10 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
             for model in (self.policy, self.ref_policy):
                 if model is not None:
                     shard_model(model, self.device_mesh, generation=self.policy_config.sharded_generation)
+        if self.policy_config.compile:
+            # Set around nn.Module.__setattr__: registered as a submodule, the wrapper would put every
+            # weight in the checkpoint a second time (under `_orig_mod.`).
+            object.__setattr__(self, "_compiled_policy", torch.compile(self.policy, dynamic=True))
 
     @property
     def has_reference(self) -> bool:
@@ -354,8 +359,9 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
         which are token means, so that the micro-batches' losses add up to the step's loss. The
         metrics are the micro-batch's own, unweighted.
         """
+        model = self.policy if self._compiled_policy is None else self._compiled_policy
         logps, entropy = completion_logps(
-            self.policy, experience.input_ids, experience.attention_mask, experience.completion_width,
+            model, experience.input_ids, experience.attention_mask, experience.completion_width,
             temperature=self.hparams.temperature, with_entropy=True, entropy_grad=self.entropy_grad,
         )
         mask = experience.completion_mask

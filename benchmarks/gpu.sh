@@ -8,6 +8,12 @@
 #   bash benchmarks/gpu.sh                       # every part; OUT defaults to /tmp/gpu-out
 #   bash benchmarks/gpu.sh fsdp throughput       # only these parts (decoder, throughput, generation, fsdp)
 #   STEPS=3 REPEATS=1 bash benchmarks/gpu.sh throughput   # a shorter throughput run
+# The wheels (the device image had torch 2.11, lightning 2.6.6, peft and pyarrow 25, but no trl,
+# datasets or jsonargparse, and transformers 5.17), fetched here once per session into an ignored .whl/:
+#   echo /.whl/ >> .git/info/exclude; pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
+#     trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 transformers==5.24.0 \
+#     jsonargparse==4.53.0 fsspec==2026.9.0 docstring-parser typeshed-client
 set -u
 OUT=${OUT:-/tmp/gpu-out}
 parts=${*:-decoder throughput generation fsdp}

@@ -9,7 +9,7 @@ import pytest
 import retrain.reward.builtins as builtins_module
 import retrain.tasks.repeat_letter as repeat_letter
 from retrain.data.records import PromptRecord
-from retrain.environment.base import EnvironmentObservation, LLMAction, Trajectory, Turn
+from retrain.environment.base import Trajectory
 from retrain.reward.builtins import (
     contains_penalty,
     exact_match,
@@ -21,17 +21,6 @@ from retrain.reward.builtins import (
     numeric_match,
     regex_match,
 )
-
-
-def _trajectory(text: str, truncated: bool) -> Trajectory:
-    action = LLMAction(text=text, token_ids=[1] * len(text), truncated=truncated)
-    return Trajectory(
-        record=PromptRecord(prompt="p"),
-        prompt_ids=[0],
-        completion_ids=list(action.token_ids),
-        completion_mask=[1] * len(text),
-        turns=[Turn(action=action, observation=EnvironmentObservation(done=True))],
-    )
 
 
 # --------------------------------------------------------------------------- doctests
@@ -211,9 +200,9 @@ def test_matches_regex():
         matches_regex(completion="abc")
 
 
-def test_not_truncated():
-    assert not_truncated(trajectory=_trajectory("done", truncated=False)) is True
-    assert not_truncated(trajectory=_trajectory("cut of", truncated=True)) is False
+def test_not_truncated(one_turn):
+    assert not_truncated(trajectory=one_turn("done", truncated=False)) is True
+    assert not_truncated(trajectory=one_turn("cut of", truncated=True)) is False
     assert not_truncated() is True  # no trajectory: nothing to fail on
     assert not_truncated(completion="x", trajectory=None) is True
 

@@ -7,12 +7,9 @@ import math
 import threading
 import time
 import uuid
-from typing import Any, Optional
 
 import pytest
 
-from retrain.data.records import PromptRecord
-from retrain.environment.base import EnvironmentObservation, LLMAction, Trajectory, Turn
 from retrain.reward.calculator import RewardCalculator, RewardError, RewardResult, RewardSpec, VerifierSpec
 from retrain.reward.registry import REWARDS, VERIFIERS, reward, verifier
 
@@ -43,31 +40,10 @@ def register_verifier(function) -> str:
     return name
 
 
-def make_trajectory(
-    completion: str,
-    *,
-    prompt: Any = "What is 6*7?",
-    answer: Any = None,
-    metadata: Optional[dict[str, Any]] = None,
-    truncated: bool = False,
-) -> Trajectory:
-    """A one-turn episode whose policy text is `completion` (one token per character)."""
-    record = PromptRecord(prompt=prompt, answer=answer, metadata=dict(metadata or {}))
-    token_ids = [ord(c) for c in completion]
-    action = LLMAction(text=completion, token_ids=token_ids, truncated=truncated)
-    return Trajectory(
-        record=record,
-        prompt_ids=[ord(c) for c in str(prompt)],
-        completion_ids=list(token_ids),
-        completion_mask=[1] * len(token_ids),
-        turns=[Turn(action=action, observation=EnvironmentObservation(done=True))],
-    )
-
-
 # --------------------------------------------------------------------------- totals and components
 
 
-def test_weighted_total_by_hand():
+def test_weighted_total_by_hand(one_turn):
     calc = RewardCalculator(
         [
             RewardSpec(name="exact_match", weight=2.0),
@@ -76,8 +52,8 @@ def test_weighted_total_by_hand():
     )
     result = calc.score(
         [
-            make_trajectory("abcdef", answer="abcdef"),
-            make_trajectory("abc", answer="xyz"),
+            one_turn("abcdef", answer="abcdef"),
+            one_turn("abc", answer="xyz"),
         ]
     )
     # rollout 0: exact 1.0; length 6 vs max 4 -> excess 2/4 -> -0.5;  total = 2*1 + 0.5*(-0.5) = 1.75
@@ -91,15 +67,15 @@ def test_weighted_total_by_hand():
     assert calc.labels == ["exact_match", "length_penalty"]
 
 
-def test_specs_given_as_dicts():
+def test_specs_given_as_dicts(one_turn):
     calc = RewardCalculator([{"name": "exact_match", "weight": 3.0}])
     # exact 1.0 * weight 3.0 = 3.0
-    assert calc.score([make_trajectory(" 7 ", answer=7)]).total == [3.0]
+    assert calc.score([one_turn(" 7 ", answer=7)]).total == [3.0]
 
 
-def test_negative_weight():
+def test_negative_weight(one_turn):
     calc = RewardCalculator([RewardSpec(name="exact_match", weight=-1.5)])
-    assert calc.score([make_trajectory("a", answer="a")]).total == [-1.5]
+    assert calc.score([one_turn("a", answer="a")]).total == [-1.5]
 
 
 def test_empty_batch():
@@ -112,7 +88,7 @@ def test_empty_batch():
 # --------------------------------------------------------------------------- verifier gating
 
 
-def test_verifier_gating_uses_penalty_and_reports_pass_fail():
+def test_verifier_gating_uses_penalty_and_reports_pass_fail(one_turn):
     calls = []
 
     def counting_exact(completion, answer):
@@ -133,10 +109,10 @@ def test_verifier_gating_uses_penalty_and_reports_pass_fail():
     )
     result = calc.score(
         [
-            make_trajectory("42", answer="42"),  # both verifiers pass -> f = 1.0 -> 2.0
-            make_trajectory("", answer="42"),  # non_empty fails, regex fails -> penalty -1 -> -2.0
-            make_trajectory("4x2", answer="4x2"),  # non_empty passes, regex fails -> penalty -1 -> -2.0
-            make_trajectory("41", answer="42"),  # both pass -> f = 0.0 -> 0.0
+            one_turn("42", answer="42"),  # both verifiers pass -> f = 1.0 -> 2.0
+            one_turn("", answer="42"),  # non_empty fails, regex fails -> penalty -1 -> -2.0
+            one_turn("4x2", answer="4x2"),  # non_empty passes, regex fails -> penalty -1 -> -2.0
+            one_turn("41", answer="42"),  # both pass -> f = 0.0 -> 0.0
         ]
     )
     assert result.components["exact"] == [1.0, -1.0, -1.0, 0.0]
@@ -150,71 +126,71 @@ def test_verifier_gating_uses_penalty_and_reports_pass_fail():
     assert calc.verifier_names == [r"matches_regex[pattern=^\d+$]", "non_empty"]
 
 
-def test_verifier_given_as_verifier_spec_object():
+def test_verifier_given_as_verifier_spec_object(one_turn):
     calc = RewardCalculator(
         [RewardSpec(name="exact_match", verifiers=[VerifierSpec(name="matches_regex", kwargs={"pattern": "b"})])]
     )
-    result = calc.score([make_trajectory("abc", answer="abc"), make_trajectory("xyz", answer="xyz")])
+    result = calc.score([one_turn("abc", answer="abc"), one_turn("xyz", answer="xyz")])
     assert result.total == [1.0, 0.0]  # "xyz" has no "b": gated to the default penalty 0.0
     assert result.verifier_passed == {"matches_regex[pattern=b]": [True, False]}  # options are part of the name
 
 
-def test_not_truncated_verifier_sees_the_trajectory():
+def test_not_truncated_verifier_sees_the_trajectory(one_turn):
     calc = RewardCalculator([RewardSpec(name="exact_match", verifiers=["not_truncated"], verifier_penalty=-0.5)])
     result = calc.score(
-        [make_trajectory("a", answer="a"), make_trajectory("a", answer="a", truncated=True)]
+        [one_turn("a", answer="a"), one_turn("a", answer="a", truncated=True)]
     )
     assert result.total == [1.0, -0.5]
     assert result.verifier_passed == {"not_truncated": [True, False]}
 
 
-def test_shared_verifier_reported_once_across_functions():
+def test_shared_verifier_reported_once_across_functions(one_turn):
     calc = RewardCalculator(
         [
             RewardSpec(name="exact_match", verifiers=["non_empty"], verifier_penalty=-1.0),
             RewardSpec(name="length_penalty", kwargs={"max_length": 1}, verifiers=["non_empty"], verifier_penalty=-2.0),
         ]
     )
-    result = calc.score([make_trajectory("", answer="a"), make_trajectory("ab", answer="ab")])
+    result = calc.score([one_turn("", answer="a"), one_turn("ab", answer="ab")])
     # rollout 0: non_empty fails -> -1.0 + -2.0 = -3.0
     # rollout 1: exact 1.0; length 2 vs 1 -> excess 1/1 -> -1.0; total 0.0
     assert result.total == [-3.0, 0.0]
     assert result.verifier_passed == {"non_empty": [False, True]}
 
 
-def test_same_verifier_with_different_kwargs_on_two_functions():
+def test_same_verifier_with_different_kwargs_on_two_functions(one_turn):
     calc = RewardCalculator(
         [
             RewardSpec(name="exact_match", label="a", verifiers=[{"name": "matches_regex", "kwargs": {"pattern": "x"}}]),
             RewardSpec(name="exact_match", label="b", verifiers=[{"name": "matches_regex", "kwargs": {"pattern": "y"}}]),
         ]
     )
-    result = calc.score([make_trajectory("x", answer="x")])
+    result = calc.score([one_turn("x", answer="x")])
     # "x" matches pattern "x" (a scores 1.0) but not "y" (b is gated to 0.0): total 1.0
     assert result.components == {"a": [1.0], "b": [0.0]}
 
 
-def test_raising_verifier_gives_reward_error_naming_it():
+def test_raising_verifier_gives_reward_error_naming_it(one_turn):
     def exploding_check(completion):
         raise RuntimeError("boom")
 
     name = register_verifier(exploding_check)
     calc = RewardCalculator([RewardSpec(name="exact_match", verifiers=[name])])
     with pytest.raises(RewardError) as err:
-        calc.score([make_trajectory("a", answer="a")])
+        calc.score([one_turn("a", answer="a")])
     assert f"verifier '{name}' raised RuntimeError: boom" in str(err.value)
 
 
 # --------------------------------------------------------------------------- arguments reaching functions
 
 
-def test_function_kwargs_are_passed_through():
+def test_function_kwargs_are_passed_through(one_turn):
     calc = RewardCalculator([RewardSpec(name="regex_match", kwargs={"pattern": r"<answer>\d+</answer>"})])
-    result = calc.score([make_trajectory("so <answer>42</answer>"), make_trajectory("42")])
+    result = calc.score([one_turn("so <answer>42</answer>"), one_turn("42")])
     assert result.total == [1.0, 0.0]
 
 
-def test_record_fields_and_metadata_reach_reward_functions():
+def test_record_fields_and_metadata_reach_reward_functions(one_turn):
     seen = []
 
     def spy(completion, prompt, answer, trajectory, difficulty, source, scale):
@@ -224,7 +200,7 @@ def test_record_fields_and_metadata_reach_reward_functions():
 
     name = register_reward(spy)
     calc = RewardCalculator([RewardSpec(name=name, kwargs={"scale": 0.5})])
-    trajectory = make_trajectory("out", prompt="in", answer="ans", metadata={"difficulty": 3, "source": "gsm8k"})
+    trajectory = one_turn("out", prompt="in", answer="ans", metadata={"difficulty": 3, "source": "gsm8k"})
 
     result = calc.score([trajectory])
 
@@ -234,18 +210,18 @@ def test_record_fields_and_metadata_reach_reward_functions():
     ]
 
 
-def test_metadata_does_not_shadow_prompt_or_answer():
+def test_metadata_does_not_shadow_prompt_or_answer(one_turn):
     def echo_answer(answer):
         return float(answer)
 
     name = register_reward(echo_answer)
     calc = RewardCalculator([RewardSpec(name=name)])
     # A metadata key 'answer' can't override the record's answer (reward_kwargs puts it last).
-    trajectory = make_trajectory("x", answer=2, metadata={"answer": 99})
+    trajectory = one_turn("x", answer=2, metadata={"answer": 99})
     assert calc.score([trajectory]).total == [2.0]
 
 
-def test_var_keyword_function_receives_everything():
+def test_var_keyword_function_receives_everything(one_turn):
     seen = {}
 
     def everything(**kwargs):
@@ -254,7 +230,7 @@ def test_var_keyword_function_receives_everything():
 
     name = register_reward(everything)
     RewardCalculator([RewardSpec(name=name, kwargs={"opt": 1})]).score(
-        [make_trajectory("c", answer="a", metadata={"m": True})]
+        [one_turn("c", answer="a", metadata={"m": True})]
     )
     assert set(seen) == {"completion", "prompt", "answer", "trajectory", "m", "opt"}
 
@@ -262,29 +238,29 @@ def test_var_keyword_function_receives_everything():
 # --------------------------------------------------------------------------- async
 
 
-def test_async_reward_is_awaited():
+def test_async_reward_is_awaited(one_turn):
     async def async_length(completion):
         await asyncio.sleep(0)
         return len(completion)
 
     name = register_reward(async_length)
-    result = RewardCalculator([RewardSpec(name=name)]).score([make_trajectory("abcd"), make_trajectory("")])
+    result = RewardCalculator([RewardSpec(name=name)]).score([one_turn("abcd"), one_turn("")])
     assert result.total == [4.0, 0.0]
 
 
-def test_async_verifier_is_awaited():
+def test_async_verifier_is_awaited(one_turn):
     async def async_has_digit(completion):
         await asyncio.sleep(0)
         return any(c.isdigit() for c in completion)
 
     name = register_verifier(async_has_digit)
     calc = RewardCalculator([RewardSpec(name="exact_match", verifiers=[name], verifier_penalty=-1.0)])
-    result = calc.score([make_trajectory("1", answer="1"), make_trajectory("a", answer="a")])
+    result = calc.score([one_turn("1", answer="1"), one_turn("a", answer="a")])
     assert result.total == [1.0, -1.0]
     assert result.verifier_passed == {name: [True, False]}
 
 
-def test_async_rewards_run_concurrently():
+def test_async_rewards_run_concurrently(one_turn):
     async def slow_one(completion):
         await asyncio.sleep(0.2)
         return 1.0
@@ -294,7 +270,7 @@ def test_async_rewards_run_concurrently():
         return 2.0
 
     calc = RewardCalculator([RewardSpec(name=register_reward(slow_one)), RewardSpec(name=register_reward(slow_two))])
-    trajectories = [make_trajectory(str(i)) for i in range(4)]
+    trajectories = [one_turn(str(i)) for i in range(4)]
 
     start = time.perf_counter()
     result = calc.score(trajectories)
@@ -305,7 +281,7 @@ def test_async_rewards_run_concurrently():
     assert elapsed < 1.0
 
 
-def test_cheap_sync_rewards_run_on_the_loop_and_slow_ones_move_to_worker_threads():
+def test_cheap_sync_rewards_run_on_the_loop_and_slow_ones_move_to_worker_threads(one_turn):
     seen: dict[str, list[bool]] = {"cheap": [], "slow": [], "bounded": []}
 
     def on_main_thread() -> bool:
@@ -329,7 +305,7 @@ def test_cheap_sync_rewards_run_on_the_loop_and_slow_ones_move_to_worker_threads
         RewardSpec(name=register_reward(bounded), timeout=5.0),
     ])
     started = time.perf_counter()
-    assert calc.score([make_trajectory(str(i)) for i in range(8)]).total == [3.0] * 8
+    assert calc.score([one_turn(str(i)) for i in range(8)]).total == [3.0] * 8
     elapsed = time.perf_counter() - started
 
     assert seen["cheap"] == [True] * 8  # no thread hand-off for a microsecond check
@@ -338,11 +314,11 @@ def test_cheap_sync_rewards_run_on_the_loop_and_slow_ones_move_to_worker_threads
     assert elapsed < 0.1 + 7 * 0.1 * 0.75  # the 7 threaded waits overlapped (serially: 0.8 s)
 
 
-def test_ascore_can_be_awaited_from_a_running_loop():
+def test_ascore_can_be_awaited_from_a_running_loop(one_turn):
     calc = RewardCalculator([RewardSpec(name="exact_match")])
 
     async def main():
-        return await calc.ascore([make_trajectory("a", answer="a")])
+        return await calc.ascore([one_turn("a", answer="a")])
 
     assert asyncio.run(main()).total == [1.0]
 
@@ -350,50 +326,50 @@ def test_ascore_can_be_awaited_from_a_running_loop():
 # --------------------------------------------------------------------------- failures while scoring
 
 
-def test_raising_reward_gives_reward_error_naming_function():
+def test_raising_reward_gives_reward_error_naming_function(one_turn):
     def divides_by_zero(completion):
         return 1 / 0
 
     name = register_reward(divides_by_zero)
     calc = RewardCalculator([RewardSpec(name=name)])
     with pytest.raises(RewardError) as err:
-        calc.score([make_trajectory("oops", prompt="the prompt")])
+        calc.score([one_turn("oops", prompt="the prompt")])
     message = str(err.value)
     assert f"reward '{name}' raised ZeroDivisionError" in message
     assert "'the prompt'" in message and "'oops'" in message
     assert isinstance(err.value.__cause__, ZeroDivisionError)
 
 
-def test_reward_error_uses_label():
+def test_reward_error_uses_label(one_turn):
     calc = RewardCalculator([RewardSpec(name="exact_match", label="correct")])
     with pytest.raises(RewardError, match="reward 'correct' raised ValueError"):
-        calc.score([make_trajectory("a")])  # no answer -> exact_match raises ValueError
+        calc.score([one_turn("a")])  # no answer -> exact_match raises ValueError
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
-def test_non_finite_return_gives_reward_error(bad):
+def test_non_finite_return_gives_reward_error(bad, one_turn):
     def non_finite(completion):
         return bad
 
     name = register_reward(non_finite)
     with pytest.raises(RewardError) as err:
-        RewardCalculator([RewardSpec(name=name)]).score([make_trajectory("x")])
+        RewardCalculator([RewardSpec(name=name)]).score([one_turn("x")])
     assert f"reward '{name}' returned {bad}" in str(err.value)
     assert "finite" in str(err.value)
 
 
 @pytest.mark.parametrize("bad", ["not a number", None, [1.0], {"a": 1}])
-def test_non_number_return_gives_reward_error(bad):
+def test_non_number_return_gives_reward_error(bad, one_turn):
     def returns_junk(completion):
         return bad
 
     name = register_reward(returns_junk)
     with pytest.raises(RewardError) as err:
-        RewardCalculator([RewardSpec(name=name)]).score([make_trajectory("x")])
+        RewardCalculator([RewardSpec(name=name)]).score([one_turn("x")])
     assert f"reward '{name}' returned {bad!r}; it must return a number" in str(err.value)
 
 
-def test_bool_and_int_returns_are_numbers():
+def test_bool_and_int_returns_are_numbers(one_turn):
     def returns_bool(completion):
         return completion == "yes"
 
@@ -402,7 +378,7 @@ def test_bool_and_int_returns_are_numbers():
 
     calc = RewardCalculator([RewardSpec(name=register_reward(returns_bool)), RewardSpec(name=register_reward(returns_int))])
     # True -> 1.0, + 3 -> 4.0 ; False -> 0.0, + 3 -> 3.0
-    assert calc.score([make_trajectory("yes"), make_trajectory("no")]).total == [4.0, 3.0]
+    assert calc.score([one_turn("yes"), one_turn("no")]).total == [4.0, 3.0]
 
 
 # --------------------------------------------------------------------------- construction errors
@@ -441,11 +417,11 @@ def test_duplicate_labels_fail():
     assert "more than once" in str(err.value)
 
 
-def test_distinct_labels_allow_the_same_function_twice():
+def test_distinct_labels_allow_the_same_function_twice(one_turn):
     calc = RewardCalculator(
         [RewardSpec(name="exact_match", label="strict"), RewardSpec(name="exact_match", label="loose", kwargs={"ignore_case": True})]
     )
-    result = calc.score([make_trajectory("ABC", answer="abc")])
+    result = calc.score([one_turn("ABC", answer="abc")])
     # strict: "ABC" != "abc" -> 0; loose: equal ignoring case -> 1
     assert result.components == {"strict": [0.0], "loose": [1.0]}
     assert result.total == [1.0]
@@ -459,19 +435,19 @@ def test_non_finite_weight_fails():
 # --------------------------------------------------------------------------- labels
 
 
-def test_label_defaults_to_function_name_for_import_path():
+def test_label_defaults_to_function_name_for_import_path(one_turn):
     calc = RewardCalculator([RewardSpec(name="retrain.reward.builtins:length_penalty", kwargs={"max_length": 1})])
     assert calc.labels == ["length_penalty"]
     # "abc": excess 2 / 1 -> capped at -1.0
-    assert calc.score([make_trajectory("abc")]).components == {"length_penalty": [-1.0]}
+    assert calc.score([one_turn("abc")]).components == {"length_penalty": [-1.0]}
 
 
-def test_label_defaults_to_function_name_for_file_path(tmp_path):
+def test_label_defaults_to_function_name_for_file_path(tmp_path, one_turn):
     file = tmp_path / "user_rewards.py"
     file.write_text("def word_count(completion):\n    return len(completion.split())\n")
     calc = RewardCalculator([RewardSpec(name=f"{file}:word_count")])
     assert calc.labels == ["word_count"]
-    assert calc.score([make_trajectory("one two three")]).total == [3.0]
+    assert calc.score([one_turn("one two three")]).total == [3.0]
 
 
 def test_label_defaults_to_registered_name():

@@ -40,9 +40,13 @@ def _train(model_dir, compile: bool, tmp_path):  # type: ignore[no-untyped-def]
 
 
 def test_compiled_policy_trains_like_the_eager_one_and_stays_out_of_checkpoints(tiny_model_dir, tmp_path):
+    from torch._dynamo.utils import counters
+
     eager, _, eager_losses = _train(tiny_model_dir, False, tmp_path / "eager")
+    counters.clear()
     compiled, trainer, compiled_losses = _train(tiny_model_dir, True, tmp_path / "compiled")
     assert compiled._compiled_policy is not None and eager._compiled_policy is None
+    assert counters["stats"]["unique_graphs"] >= 1  # the loss really ran through a compiled graph
     assert len(compiled_losses) == 3 and any(abs(loss) > 1e-6 for loss in eager_losses)
     torch.testing.assert_close(torch.tensor(compiled_losses), torch.tensor(eager_losses), atol=1e-5, rtol=1e-4)
     for (name, a), (_, b) in zip(eager.policy.named_parameters(), compiled.policy.named_parameters()):

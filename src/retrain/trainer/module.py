@@ -21,6 +21,7 @@ from typing import Any, Callable, Literal, Optional, Sequence
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from transformers import get_scheduler
 
@@ -61,8 +62,6 @@ GroupFilter = Callable[["RLTrainer", Sequence[PromptRecord], list[Trajectory], R
 def check_strategy(strategy: Any) -> None:
     """Refuse, before the policy loads or any rollout runs, a Lightning strategy that cannot run this
     module's training step."""
-    from lightning.pytorch.strategies import FSDPStrategy
-
     if isinstance(strategy, FSDPStrategy):
         # Seen on an H100 (benchmarks/NOTES.md): FSDP1 wraps the whole LightningModule, so
         # training_step runs inside the root's forward, and the manual-optimization backward there

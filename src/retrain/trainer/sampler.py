@@ -93,6 +93,8 @@ class BatchingSampler:
             "eos_token_id": tokenizer.eos_token_id,
             "bos_token_id": tokenizer.bos_token_id,
         })
+        eos = tokenizer.eos_token_id
+        self.eos_token_ids: frozenset[int] = frozenset([] if eos is None else eos if isinstance(eos, list) else [eos])
         self.active_episodes = 0
         self.generate_calls = 0
         self._pending: list[tuple[list[int], int, asyncio.Future]] = []
@@ -184,18 +186,15 @@ class BatchingSampler:
         return self._own_decoder
 
     def _sample_own(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, config: GenerationConfig) -> torch.Tensor:
-        eos = config.eos_token_id
         return decoding.sample(
             self.model, input_ids, attention_mask, max_new_tokens=config.max_new_tokens,
-            eos_token_ids=[] if eos is None else eos if isinstance(eos, list) else [eos], pad_token_id=config.pad_token_id,
+            eos_token_ids=sorted(self.eos_token_ids), pad_token_id=config.pad_token_id,
             temperature=config.temperature, top_k=config.top_k or 0, top_p=config.top_p, min_new_tokens=config.min_new_tokens or 0,
         )
 
     def _to_generation(self, tokens: list[int], budget: int) -> Generation:
         """Cut at the first end-of-sequence token (kept: the policy chose it) and decode."""
-        eos_ids = self.generation_config.eos_token_id
-        eos_ids = set(eos_ids if isinstance(eos_ids, list) else [eos_ids])
-        end = next((i + 1 for i, t in enumerate(tokens) if t in eos_ids), None)
+        end = next((i + 1 for i, t in enumerate(tokens) if t in self.eos_token_ids), None)
         kept = tokens if end is None else tokens[:end]
         text = self.tokenizer.decode(kept, skip_special_tokens=True)
         return Generation(token_ids=kept, text=text, truncated=end is None)

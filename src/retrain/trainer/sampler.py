@@ -93,8 +93,6 @@ class BatchingSampler:
             "eos_token_id": tokenizer.eos_token_id,
             "bos_token_id": tokenizer.bos_token_id,
         })
-        eos = tokenizer.eos_token_id
-        self.eos_token_ids: frozenset[int] = frozenset([] if eos is None else eos if isinstance(eos, list) else [eos])
         self.active_episodes = 0
         self.generate_calls = 0
         self._pending: list[tuple[list[int], int, asyncio.Future]] = []
@@ -179,6 +177,12 @@ class BatchingSampler:
         return output[:, input_ids.size(1) :].tolist()
 
     @property
+    def eos_token_ids(self) -> list[int]:
+        """`generation_config.eos_token_id` as a list (it may be one id, a list, or unset)."""
+        eos = self.generation_config.eos_token_id
+        return [] if eos is None else list(eos) if isinstance(eos, list) else [eos]
+
+    @property
     def uses_own_decoder(self) -> bool:
         """Whether calls outside a sharded rollout use `retrain.trainer.decoding` (see `backend`)."""
         if self._own_decoder is None:
@@ -188,13 +192,14 @@ class BatchingSampler:
     def _sample_own(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, config: GenerationConfig) -> torch.Tensor:
         return decoding.sample(
             self.model, input_ids, attention_mask, max_new_tokens=config.max_new_tokens,
-            eos_token_ids=sorted(self.eos_token_ids), pad_token_id=config.pad_token_id,
+            eos_token_ids=self.eos_token_ids, pad_token_id=config.pad_token_id,
             temperature=config.temperature, top_k=config.top_k or 0, top_p=config.top_p, min_new_tokens=config.min_new_tokens or 0,
         )
 
     def _to_generation(self, tokens: list[int], budget: int) -> Generation:
         """Cut at the first end-of-sequence token (kept: the policy chose it) and decode."""
-        end = next((i + 1 for i, t in enumerate(tokens) if t in self.eos_token_ids), None)
+        eos_ids = set(self.eos_token_ids)
+        end = next((i + 1 for i, t in enumerate(tokens) if t in eos_ids), None)
         kept = tokens if end is None else tokens[:end]
         text = self.tokenizer.decode(kept, skip_special_tokens=True)
         return Generation(token_ids=kept, text=text, truncated=end is None)

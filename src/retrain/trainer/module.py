@@ -32,6 +32,7 @@ from retrain.models.loading import PolicyConfig, ensure_tiny_model, is_adapter_m
 from retrain.reward.calculator import RewardCalculator, RewardResult
 from retrain.trainer.base import BaseTrainer
 from retrain.trainer.experience import Experience, completion_logps, pack_trajectories
+from retrain.trainer.host_memory import tune_malloc_for_reuse
 from retrain.trainer.losses import LossStats, masked_mean
 from retrain.trainer.metrics import MajAtK, PassAtK
 from retrain.trainer.rollout import RolloutEngine
@@ -280,6 +281,8 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
 
     def setup(self, stage: str) -> None:
         check_strategy(getattr(self._trainer, "strategy", None))
+        if self._trainer is not None and self.trainer.strategy.root_device.type == "cpu":
+            tune_malloc_for_reuse()
         if stage == "fit" and self._trainer is not None and self.trainer.world_size > 1:
             # seed_everything gives every rank the same seed; rollouts must differ per rank (as in
             # TRL). A resumed run then restores each rank's own saved state over this.

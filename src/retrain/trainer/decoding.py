@@ -422,7 +422,6 @@ def _warpers(temperature: float, top_k: int, top_p: float) -> list:
     return warpers
 
 
-@torch.no_grad()
 def sample(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -438,6 +437,19 @@ def sample(
 ) -> torch.Tensor:
     """`[B, <= max_new_tokens]` sampled continuations of left-padded prompts (padding after a row's
     end-of-sequence token; shorter than `max_new_tokens` when every row has ended)."""
+    # Inference mode, not just no_grad: each op then skips version counting and view tracking, which
+    # is ~6% of a CPU generation here (a decoding step is ~150 small ops). Safe because decoding never
+    # writes the model's own tensors; the result is cloned out of it, so callers get a normal tensor.
+    with torch.inference_mode():
+        tokens = _sample(model, input_ids, attention_mask, max_new_tokens, list(eos_token_ids), pad_token_id,
+                         temperature, top_k, top_p, min_new_tokens)
+    return tokens.clone()
+
+
+def _sample(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+    eos_token_ids: list[int], pad_token_id: int, temperature: float, top_k: int, top_p: float, min_new_tokens: int,
+) -> torch.Tensor:
     batch = input_ids.size(0)
     decoder = KVDecoder(model, batch, input_ids.size(1) + max_new_tokens)
     eos = torch.tensor(list(eos_token_ids), device=input_ids.device, dtype=torch.long)

@@ -8,6 +8,8 @@
 #   bash benchmarks/gpu.sh                       # every part; OUT defaults to /tmp/gpu-out
 #   bash benchmarks/gpu.sh fsdp throughput       # only these parts (decoder, throughput, generation, fsdp)
 #   STEPS=3 REPEATS=1 bash benchmarks/gpu.sh throughput   # a shorter throughput run
+#   bash benchmarks/gpu.sh compile               # policy.compile on the GPU (not in the default parts:
+#                                                # ~4 more minutes; run it as a second call)
 # The wheels (the device image had torch 2.11, lightning 2.6.6, peft and pyarrow 25, but no trl,
 # datasets or jsonargparse, and transformers 5.17), fetched here once per session into an ignored .whl/:
 #   echo /.whl/ >> .git/info/exclude; pip download --no-deps --only-binary=:all: --python-version 3.12 \
@@ -90,6 +92,25 @@ losses = [float(r['train/loss']) for r in rows if r.get('train/loss')]
 assert len(losses) == 8 and all(map(math.isfinite, losses)), losses
 print('medium FSDP2: 8 finite losses, first', losses[0], 'last', losses[-1])"
     results+=("fsdp2 medium + gradient checkpointing: exit $?")
+  fi
+
+  if want compile; then
+    step "policy.compile: throughput on the medium model, bf16, retrain compiled vs TRL"
+    timeout 330 python3 benchmarks/throughput.py --device cuda --dtype bfloat16 --model-size medium --prompts 8 --generations 8 \
+      --completion-length 128 --steps "${STEPS:-5}" --repeats 1 --retrain-compile --out-dir "$OUT/compile"
+    results+=("compiled throughput: exit $?")
+
+    step "policy.compile under FSDP2 + bf16-mixed: the quickstart, 10 steps"
+    rm -rf outputs/quickstart_fsdp
+    timeout 200 retrain fit --config configs/quickstart_fsdp.yaml --trainer.max_steps 10 --trainer.enable_progress_bar false \
+      --model.init_args.policy.compile true \
+      && python3 -c "
+import csv, glob, math
+rows = [r for f in sorted(glob.glob('outputs/quickstart_fsdp/csv/*/metrics.csv')) for r in csv.DictReader(open(f))]
+losses = [float(r['train/loss']) for r in rows if r.get('train/loss')]
+assert len(losses) == 10 and all(map(math.isfinite, losses)), losses
+print('compiled FSDP2: 10 finite losses')"
+    results+=("compiled fsdp2 quickstart: exit $?")
   fi
 
   step "summary"

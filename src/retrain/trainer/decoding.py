@@ -441,34 +441,26 @@ def sample(
     # is ~6% of a CPU generation here (a decoding step is ~150 small ops). Safe because decoding never
     # writes the model's own tensors; the result is cloned out of it, so callers get a normal tensor.
     with torch.inference_mode():
-        tokens = _sample(model, input_ids, attention_mask, max_new_tokens, list(eos_token_ids), pad_token_id,
-                         temperature, top_k, top_p, min_new_tokens)
+        batch = input_ids.size(0)
+        decoder = KVDecoder(model, batch, input_ids.size(1) + max_new_tokens)
+        eos = torch.tensor(list(eos_token_ids), device=input_ids.device, dtype=torch.long)
+        logits = decoder.prefill(input_ids, attention_mask)
+        ended = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+        warpers = _warpers(temperature, top_k, top_p)
+        out = []
+        for step in range(max_new_tokens):
+            logits = logits.float()
+            if step < min_new_tokens and eos.numel():
+                logits = logits.index_fill(-1, eos, float("-inf"))
+            for warper in warpers:  # they read only the scores, not the ids
+                logits = warper(None, logits)
+            probs = logits.softmax(-1)
+            tokens = torch.multinomial(probs, 1).squeeze(1)
+            tokens = tokens.masked_fill(ended, pad_token_id)
+            out.append(tokens)
+            ended |= torch.isin(tokens, eos)
+            if step + 1 == max_new_tokens or bool(ended.all()):
+                break
+            logits = decoder.decode(tokens)
+        tokens = torch.stack(out, dim=1)
     return tokens.clone()
-
-
-def _sample(
-    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
-    eos_token_ids: list[int], pad_token_id: int, temperature: float, top_k: int, top_p: float, min_new_tokens: int,
-) -> torch.Tensor:
-    batch = input_ids.size(0)
-    decoder = KVDecoder(model, batch, input_ids.size(1) + max_new_tokens)
-    eos = torch.tensor(list(eos_token_ids), device=input_ids.device, dtype=torch.long)
-    logits = decoder.prefill(input_ids, attention_mask)
-    ended = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
-    warpers = _warpers(temperature, top_k, top_p)
-    out = []
-    for step in range(max_new_tokens):
-        logits = logits.float()
-        if step < min_new_tokens and eos.numel():
-            logits = logits.index_fill(-1, eos, float("-inf"))
-        for warper in warpers:  # they read only the scores, not the ids
-            logits = warper(None, logits)
-        probs = logits.softmax(-1)
-        tokens = torch.multinomial(probs, 1).squeeze(1)
-        tokens = tokens.masked_fill(ended, pad_token_id)
-        out.append(tokens)
-        ended |= torch.isin(tokens, eos)
-        if step + 1 == max_new_tokens or bool(ended.all()):
-            break
-        logits = decoder.decode(tokens)
-    return torch.stack(out, dim=1)

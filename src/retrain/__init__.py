@@ -22,7 +22,7 @@ _EXPORTS = {
     "reward": "retrain.reward.registry",
     "verifier": "retrain.reward.registry",
     "PromptDataModule": "retrain.data.datamodule",
-    "PromptRecord": "retrain.data.records",
+    "PromptRecord": "retrain.core.records",
     "PolicyConfig": "retrain.models.loading",
     "TinyModelConfig": "retrain.models.tiny",
 }

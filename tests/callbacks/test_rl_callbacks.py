@@ -6,7 +6,7 @@ import torch
 
 from retrain.callbacks import DynamicSampling, EntropyBonus, RefModelSync
 from retrain.data.datamodule import PromptDataModule
-from retrain.data.records import PromptRecord
+from retrain.core.records import PromptRecord
 from retrain.models.loading import PolicyConfig
 from retrain.reward.calculator import RewardCalculator, RewardSpec
 from retrain.reward.registry import reward

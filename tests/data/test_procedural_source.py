@@ -113,7 +113,7 @@ def test_generator_exception_is_located(generator_file):
         ("no_colon_here", "expected 'package.module:function'"),
         ("missing_file.py:make", "no file 'missing_file.py'"),
         ("retrain_no_such_module_xyz:make", "No module named"),
-        ("retrain.data.records:no_such_function", "has no callable named 'no_such_function'"),
+        ("retrain.core.records:no_such_function", "has no callable named 'no_such_function'"),
     ],
 )
 def test_import_errors_name_the_spec(spec, fragment):

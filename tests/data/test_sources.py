@@ -1,4 +1,4 @@
-"""Tests for retrain.data.sources (and the record validation in retrain.data.records)."""
+"""Tests for retrain.data.sources (and the record validation in retrain.core.records)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from retrain.data.records import PromptRecord, record_from_mapping
+from retrain.core.records import PromptRecord, record_from_mapping
 from retrain.data.sources import DataSourceError, records_from_jsonl, records_from_list
 
 

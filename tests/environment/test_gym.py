@@ -13,7 +13,7 @@ import pytest
 
 import gymnasium  # noqa: E402  (a test dependency: installed by the test extra)
 
-from retrain.data.records import Message, PromptRecord  # noqa: E402
+from retrain.core.records import Message, PromptRecord  # noqa: E402
 from retrain.environment.base import Environment, Generation, LLMAction, Trajectory  # noqa: E402
 from retrain.environment.gym import GymEnvironment  # noqa: E402
 from retrain.reward.builtins import step_reward_sum as episode_return  # noqa: E402

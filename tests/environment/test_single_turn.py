@@ -11,7 +11,7 @@ from typing import Optional, Sequence, Union
 
 import pytest
 
-from retrain.data.records import Message, PromptRecord
+from retrain.core.records import Message, PromptRecord
 from retrain.environment import (
     Environment,
     EnvironmentObservation,

@@ -8,7 +8,7 @@ import time
 import pytest
 from transformers import AutoTokenizer
 
-from retrain.data.records import PromptRecord
+from retrain.core.records import PromptRecord
 from retrain.environment.tool_env import ToolEnvironment
 from retrain.environment.tools import FunctionToolProvider
 from retrain.trainer.rollout import RolloutEngine

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from retrain.data.records import PromptRecord
+from retrain.core.records import PromptRecord
 from retrain.models.loading import LoraSettings, PolicyConfig, load_policy, load_tokenizer
 from retrain.reward.calculator import RewardCalculator, RewardSpec
 from retrain.trainer.grpo import GRPOTrainer

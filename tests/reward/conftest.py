@@ -6,7 +6,7 @@ from typing import Any, Callable, Optional
 
 import pytest
 
-from retrain.data.records import PromptRecord
+from retrain.core.records import PromptRecord
 from retrain.environment.base import EnvironmentObservation, LLMAction, Trajectory, Turn
 
 

@@ -8,7 +8,7 @@ import pytest
 
 import retrain.reward.builtins as builtins_module
 import retrain.tasks.repeat_letter as repeat_letter
-from retrain.data.records import PromptRecord
+from retrain.core.records import PromptRecord
 from retrain.environment.base import Trajectory
 from retrain.reward.builtins import (
     contains_penalty,

@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from retrain.data.records import PromptRecord
+from retrain.core.records import PromptRecord
 from retrain.environment.base import EnvironmentObservation, LLMAction, Trajectory, Turn
 from retrain.reward.calculator import RewardCalculator, RewardError, RewardSpec
 from retrain.reward.registry import reward

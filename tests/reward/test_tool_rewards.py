@@ -11,7 +11,7 @@ from typing import Optional
 import pytest
 
 import retrain.reward.tool_rewards as tool_rewards
-from retrain.data.records import PromptRecord
+from retrain.core.records import PromptRecord
 from retrain.environment.base import EnvironmentObservation, Generation, LLMAction, ToolCall, Trajectory, Turn
 from retrain.environment.tool_env import ToolEnvironment
 from retrain.environment.tools import FunctionToolProvider

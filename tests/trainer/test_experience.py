@@ -1,7 +1,7 @@
 import torch
 from transformers import AutoModelForCausalLM
 
-from retrain.data.records import PromptRecord
+from retrain.core.records import PromptRecord
 from retrain.environment.base import EnvironmentObservation, LLMAction, Trajectory, Turn
 from retrain.trainer.experience import completion_logps, pack_trajectories
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from retrain.data.records import PromptRecord
+from retrain.core.records import PromptRecord
 from retrain.models.loading import PolicyConfig
 from retrain.reward.calculator import RewardCalculator, RewardSpec
 from retrain.trainer.base import BaseTrainer

@@ -3,7 +3,7 @@
 import torch
 from transformers import AutoModelForCausalLM
 
-from retrain.data.records import PromptRecord
+from retrain.core.records import PromptRecord
 from retrain.models.loading import LoraSettings, PolicyConfig
 from retrain.reward.calculator import RewardCalculator, RewardSpec
 from retrain.trainer.experience import completion_logps

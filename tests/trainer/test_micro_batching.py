@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from retrain.callbacks import EntropyBonus
-from retrain.data.records import PromptRecord
+from retrain.core.records import PromptRecord
 from retrain.models.loading import PolicyConfig
 from retrain.reward.calculator import RewardCalculator, RewardSpec
 from retrain.trainer.grpo import GRPOTrainer

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from retrain.data.datamodule import PromptDataModule
-from retrain.data.records import PromptRecord
+from retrain.core.records import PromptRecord
 from retrain.models.loading import PolicyConfig
 from retrain.reward.calculator import RewardCalculator, RewardSpec
 from retrain.trainer.advantages import kl_penalized_rewards, rloo_advantages

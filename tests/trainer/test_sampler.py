@@ -4,7 +4,7 @@ import logging
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from retrain.data.records import PromptRecord
+from retrain.core.records import PromptRecord
 from retrain.environment.single_turn import SingleTurnEnvironment
 from retrain.reward.calculator import RewardCalculator, RewardSpec
 from retrain.trainer.rollout import RolloutEngine

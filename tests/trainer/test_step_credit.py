@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from retrain.data.records import PromptRecord
+from retrain.core.records import PromptRecord
 from retrain.environment.base import EnvironmentObservation, LLMAction, Trajectory, Turn
 from retrain.models.loading import PolicyConfig
 from retrain.reward.calculator import RewardCalculator, RewardResult, RewardSpec

@@ -18,8 +18,8 @@ from typing import Any, Iterator, Optional, Sequence
 import lightning.pytorch as pl
 import torch
 
-from retrain.data.records import PromptRecord
-from retrain.environment.base import Trajectory
+from retrain.core.records import PromptRecord
+from retrain.core.episode import Trajectory
 from retrain.reward.calculator import RewardResult
 from retrain.trainer.losses import masked_mean
 from retrain.trainer.module import LossInputs, RLTrainer

@@ -6,7 +6,7 @@ environments and reward functions can import `PromptRecord` without pulling in t
 
 from typing import Any
 
-from retrain.data.records import PromptRecord, record_from_mapping, with_system_prompt
+from retrain.core.records import PromptRecord, record_from_mapping, with_system_prompt
 from retrain.data.sources import (
     DataSourceError,
     HFDatasetSource,

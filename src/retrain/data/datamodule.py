@@ -24,7 +24,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
-from retrain.data.records import PromptRecord, with_system_prompt
+from retrain.core.records import PromptRecord, with_system_prompt
 from retrain.data.sources.base import DataSourceError, JSONLSource, ListSource, PromptSource
 from retrain.data.stream import EndlessShard, PromptStream, Shard, StreamPosition
 

@@ -17,7 +17,7 @@ from typing import Callable, Iterator, Optional, Union
 
 from torch.utils.data import IterableDataset
 
-from retrain.data.records import PromptRecord
+from retrain.core.records import PromptRecord
 from retrain.data.sources.base import PromptSource
 
 Transform = Callable[[PromptRecord], PromptRecord]

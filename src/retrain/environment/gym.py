@@ -29,7 +29,7 @@ import numbers
 import re
 from typing import Any, Optional
 
-from retrain.data.records import Message, PromptRecord
+from retrain.core.records import Message, PromptRecord
 from retrain.environment.base import Environment, EnvironmentObservation, LLMAction, PolicyClient, Trajectory
 
 # Action names by environment family (the env id without namespace and version), in action order.

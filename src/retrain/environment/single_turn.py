@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from retrain.data.records import PromptRecord
+from retrain.core.records import PromptRecord
 from retrain.environment.base import Environment, EnvironmentObservation, LLMAction
 
 

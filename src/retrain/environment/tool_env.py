@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Optional, Union
 
-from retrain.data.records import Message, PromptRecord
+from retrain.core.records import Message, PromptRecord
 from retrain.environment.base import Environment, EnvironmentObservation, Generation, LLMAction, PolicyClient, ToolCall
 from retrain.environment.tool_parsing import parse_tool_calls
 from retrain.environment.tools import ToolError, ToolProvider, ToolSpec

@@ -18,7 +18,7 @@ import json
 import re
 from typing import Any, NamedTuple, Optional
 
-from retrain.environment.base import ToolCall
+from retrain.core.episode import ToolCall
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 _BLOCK = re.compile(re.escape(OPEN) + r"(.*?)" + re.escape(CLOSE), re.DOTALL)

@@ -16,7 +16,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence, Union
 
-from retrain.reward.registry import Registry
+from retrain.core.registry import Registry
 
 TOOLS = Registry("tool")
 

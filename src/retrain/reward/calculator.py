@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Optional, Sequence, Union
 
-from retrain.environment.base import Trajectory
+from retrain.core.episode import Trajectory
 from retrain.reward.registry import REWARDS, VERIFIERS, call_with_accepted
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any, Optional, Sequence
 
-from retrain.environment.base import Turn
+from retrain.core.episode import Turn
 from retrain.reward.registry import reward
 
 ERROR_PREFIX = "Error:"
@@ -80,8 +80,8 @@ def tool_use(
     coverage 2/2 = 1.0, error_rate 1/2, reward 1.0 - 0.5 * 0.5 = 0.75. Only `search`, once, fine:
     0.5 - 0 = 0.5. One unparsable call and nothing else: 0.0 - 0.5 * 1 = -0.5.
 
-    >>> from retrain.data.records import PromptRecord
-    >>> from retrain.environment.base import EnvironmentObservation as Obs, LLMAction, ToolCall, Trajectory, Turn
+    >>> from retrain.core.records import PromptRecord
+    >>> from retrain.core.episode import EnvironmentObservation as Obs, LLMAction, ToolCall, Trajectory, Turn
     >>> calls = LLMAction(text="...", tool_calls=[ToolCall("search", {"q": "x"}), ToolCall("calc", {})])
     >>> results = Obs(info={"tool_results": ["found it", "Error: division by zero"]})
     >>> episode = Trajectory(PromptRecord("p"), [0], turns=[Turn(calls, results), Turn(LLMAction("42"), Obs(done=True))])

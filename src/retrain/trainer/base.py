@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import torch
 
-from retrain.data.records import PromptRecord
+from retrain.core.records import PromptRecord
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl

@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import torch
 from trl.trainer.utils import entropy_from_logits, selective_log_softmax
 
-from retrain.environment.base import Trajectory
+from retrain.core.episode import Trajectory
 from retrain.reward.calculator import RewardResult
 
 

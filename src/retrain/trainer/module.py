@@ -25,7 +25,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from transformers import get_scheduler
 
-from retrain.data.records import PromptRecord
+from retrain.core.records import PromptRecord
 from retrain.environment.base import Environment, Trajectory
 from retrain.environment.single_turn import SingleTurnEnvironment
 from retrain.models.loading import PolicyConfig, ensure_tiny_model, is_adapter_model, load_policy, load_tokenizer

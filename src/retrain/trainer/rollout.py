@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from typing import Optional, Sequence
 
-from retrain.data.records import PromptRecord
+from retrain.core.records import PromptRecord
 from retrain.environment.base import Environment, PolicyClient, Trajectory
 from retrain.reward.calculator import RewardCalculator, RewardResult
 

@@ -29,8 +29,8 @@ from typing import Any, Literal, Optional, Sequence, Union
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from retrain.data.records import Message
-from retrain.environment.base import Generation
+from retrain.core.records import Message
+from retrain.core.episode import Generation
 from retrain.trainer import decoding
 from retrain.trainer.sharding import LockstepGeneration, generate_kwargs, generation_context, generation_state
 

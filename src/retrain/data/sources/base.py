@@ -13,7 +13,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
-from retrain.data.records import PromptRecord, record_from_mapping
+from retrain.core.records import PromptRecord, record_from_mapping
 
 
 class DataSourceError(ValueError):

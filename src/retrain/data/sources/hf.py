@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from retrain.data.records import PromptRecord, record_from_mapping
+from retrain.core.records import PromptRecord, record_from_mapping
 from retrain.data.sources.base import DataSourceError, PromptSource
 
 DataFiles = Union[str, list[str], dict[str, Union[str, list[str]]]]

@@ -11,9 +11,9 @@ from __future__ import annotations
 import random
 from typing import Any, Callable, Optional
 
-from retrain.data.records import PromptRecord, record_from_mapping
+from retrain.core.records import PromptRecord, record_from_mapping
 from retrain.data.sources.base import DataSourceError, PromptSource
-from retrain.reward.registry import import_function
+from retrain.core.registry import import_function
 
 
 class ProceduralSource(PromptSource):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 from typing import Any, Optional
 
-from retrain.data.records import PromptRecord
+from retrain.core.records import PromptRecord
 from retrain.data.sources.base import DataSourceError, PromptSource
 
 #: Metadata keys every record carries; reward functions receive them as keyword arguments.

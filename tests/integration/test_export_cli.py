@@ -107,7 +107,11 @@ def test_help_lists_the_export_command(capsys):
     assert "--ckpt_path" in out and "--output_dir" in out and "--merge_lora" in out
 
 
-def test_export_reports_a_missing_checkpoint(tmp_path, monkeypatch):
+def test_export_reports_a_missing_checkpoint(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit, match="retrain export: error: No checkpoint at missing.ckpt"):
+    with pytest.raises(SystemExit) as exited:
         main(["export", "--ckpt_path", "missing.ckpt", "--output_dir", "out"])
+    assert exited.value.code == 2
+    report = capsys.readouterr().err
+    assert report.startswith("retrain export: configuration error") and "No checkpoint at missing.ckpt" in report
+    assert "Traceback" not in report

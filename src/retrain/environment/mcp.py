@@ -47,6 +47,7 @@ import tempfile
 from contextlib import AsyncExitStack
 from typing import IO, Any, Optional
 
+from retrain.core.errors import TrainingFault
 from retrain.environment.tools import ToolError, ToolProvider, ToolSpec, format_result
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ _STDERR_FILE_LIMIT = 8 * 1024 * 1024  # trim the captured stderr of a chatty ser
 _CLOSE_TIMEOUT = 15.0  # the SDK's stdio shutdown: close stdin, wait 2 s, SIGTERM, wait 2 s, SIGKILL
 
 
-class MCPServerError(RuntimeError):
+class MCPServerError(TrainingFault):
     """The MCP server is unusable (died, cannot be (re)started); stops training instead of one call."""
 
 

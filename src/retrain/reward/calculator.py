@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Optional, Sequence, Union
 
 from retrain.core.episode import Trajectory
+from retrain.core.errors import ConfigError, TrainingFault
 from retrain.reward.registry import REWARDS, VERIFIERS, call_with_accepted
 
 
@@ -48,7 +49,7 @@ def _verifier_label(spec: "VerifierSpec") -> str:
     return f"{spec.name}[{','.join(f'{k}={v}' for k, v in sorted(spec.kwargs.items()))}]"
 
 
-class RewardError(RuntimeError):
+class RewardError(TrainingFault):
     """A reward function or verifier failed on a rollout."""
 
 
@@ -164,7 +165,7 @@ class RewardCalculator:
 
     def __init__(self, rewards: list[RewardSpec], step_rewards: Optional[list[RewardSpec]] = None) -> None:
         if not rewards and not step_rewards:
-            raise ValueError("reward.rewards is empty: configure at least one reward function.")
+            raise ConfigError("reward.rewards is empty: configure at least one reward function.")
         self.specs = [RewardSpec(**spec) if isinstance(spec, dict) else spec for spec in rewards]
         self.step_specs = [RewardSpec(**spec) if isinstance(spec, dict) else spec for spec in step_rewards or []]
         self._functions = [self._resolve(f"reward.rewards[{i}]", spec) for i, spec in enumerate(self.specs)]
@@ -173,7 +174,7 @@ class RewardCalculator:
         labels = [f.label for f in self._functions + self._step_functions]
         duplicates = sorted({label for label in labels if labels.count(label) > 1})
         if duplicates:
-            raise ValueError(
+            raise ConfigError(
                 f"reward: the label(s) {duplicates} appear more than once; set a distinct 'label' on each."
             )
 
@@ -186,17 +187,17 @@ class RewardCalculator:
                 v = VerifierSpec(name=v) if isinstance(v, str) else VerifierSpec(**v) if isinstance(v, dict) else v
                 verifiers.append((_verifier_label(v), VERIFIERS.get(v.name), dict(v.kwargs)))
         except KeyError as err:
-            raise ValueError(f"{where}: {err.args[0]}") from None
+            raise ConfigError(f"{where}: {err.args[0]}") from None
         for option in ("weight", "verifier_penalty", "error_penalty"):
             if not math.isfinite(getattr(spec, option)):
-                raise ValueError(f"{where}.{option} must be a finite number, got {getattr(spec, option)}.")
+                raise ConfigError(f"{where}.{option} must be a finite number, got {getattr(spec, option)}.")
         if spec.on_error not in ("raise", "penalty"):
-            raise ValueError(f"{where}.on_error must be 'raise' or 'penalty', got {spec.on_error!r}.")
+            raise ConfigError(f"{where}.on_error must be 'raise' or 'penalty', got {spec.on_error!r}.")
         if spec.timeout is not None and not spec.timeout > 0:
-            raise ValueError(f"{where}.timeout must be > 0 seconds (or null), got {spec.timeout}.")
+            raise ConfigError(f"{where}.timeout must be > 0 seconds (or null), got {spec.timeout}.")
         reserved = sorted(set(spec.kwargs) & _RESERVED)
         if reserved:
-            raise ValueError(f"{where}.kwargs: {reserved} are supplied by retrain for every rollout; rename these options.")
+            raise ConfigError(f"{where}.kwargs: {reserved} are supplied by retrain for every rollout; rename these options.")
         label = spec.label or (spec.name if spec.name in REWARDS else function.__name__)
         return _Resolved(spec, label, function, verifiers)
 

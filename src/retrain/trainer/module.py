@@ -25,6 +25,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from transformers import get_scheduler
 
+from retrain.core.errors import ConfigError
 from retrain.core.records import PromptRecord
 from retrain.environment.base import Environment, Trajectory
 from retrain.environment.single_turn import SingleTurnEnvironment
@@ -40,10 +41,6 @@ from retrain.trainer.sampler import Backend, BatchingSampler
 from retrain.trainer.sharding import generation_context, shard_model
 
 SchedulerType = Literal["constant", "constant_with_warmup", "linear", "cosine"]
-
-
-class ConfigError(ValueError):
-    """One or more trainer options are invalid; the message lists each with its fix."""
 
 
 @dataclass

@@ -13,10 +13,11 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
+from retrain.core.errors import ConfigError
 from retrain.core.records import PromptRecord, record_from_mapping
 
 
-class DataSourceError(ValueError):
+class DataSourceError(ConfigError):
     """A prompt source is missing, empty or malformed. The message names the file/line and the fix."""
 
 

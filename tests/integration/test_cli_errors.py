@@ -1,0 +1,109 @@
+"""Every kind of mistake ends in one short report through the real console script: what is wrong,
+where, the choices, the fix; exit status 2 (1 for a fault that stopped training); no traceback,
+no usage text; the model is never built first."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+
+from cli_config import quick_config, run_retrain
+
+
+def _fails_cleanly(result, code: int = 2) -> list[str]:
+    """The report's lines, after checking it is short, traceback-free and ends the output."""
+    assert result.returncode == code, (result.returncode, result.stderr[-3000:])
+    assert "Traceback" not in result.stderr and "usage:" not in result.stderr, result.stderr[-3000:]
+    assert "Given value" not in result.stderr and "Subtypes" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    report = lines[next(i for i, line in enumerate(lines) if line.startswith("retrain ")):]
+    assert len(report) <= 8, report
+    assert report[-1].strip() == "(RETRAIN_DEBUG=1 shows the traceback)"
+    return report
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        (["--trainer.max_stpes", "3"], "trainer.max_stpes: `retrain` has no key 'trainer.max_stpes'. Did you mean 'trainer.max_steps'?"),
+        (["--model.init_args.num_generation", "4"], "Did you mean 'num_generations'?"),
+        (["--model.init_args.num_generations", "four"], "model.init_args.num_generations: expected int, got 'four'."),
+        (["--model.init_args.loss_type", "grpoo"], "'grpoo' is not one of the choices: grpo, bnpo, dr_grpo, dapo, cispo, sapo. Did you mean 'grpo'?"),
+        (["--model.init_args.num_generations", "1"], "num_generations=1: a group needs at least 2 rollouts"),
+        (["--data.init_args.path", "missing.jsonl"], "data.path: prompt file 'missing.jsonl' does not exist"),
+        (["--model.init_args.reward.rewards", "[{name: letter_fractoin}]"], "reward.rewards[0]: Unknown reward 'letter_fractoin'"),
+        (["--model.init_args.environment", "retrain.environment.GymEnvironmnt"],
+         "model.init_args.environment: class_path 'retrain.environment.GymEnvironmnt' cannot be imported"),
+    ],
+    ids=["trainer-key", "model-option", "type", "literal", "trainer-option", "data-file", "reward-name", "class-path"],
+)
+def test_a_config_mistake_is_one_short_block(tmp_path, override, expected):
+    config = quick_config(tmp_path)
+    result = run_retrain(tmp_path, "fit", "--config", str(config), *override)
+    report = _fails_cleanly(result)
+    assert report[0] == f"retrain fit: configuration error (config: {config})"
+    assert expected in result.stderr
+    assert not (tmp_path / "model").exists(), "the model was built before the config error was reported"
+
+
+def test_an_unknown_class_suggests_the_class_meant(tmp_path):
+    result = run_retrain(tmp_path, "fit", "--config", str(quick_config(tmp_path)), "--model.init_args.environment", "retrain.environment.GymEnvironmnt")
+    assert "Did you mean retrain.environment.GymEnvironment?" in "\n".join(_fails_cleanly(result))
+
+
+def test_a_constructor_refusing_its_arguments_is_named_after_its_class(tmp_path):
+    # MountainCarContinuous has a Box action space: GymEnvironment refuses it in its constructor.
+    environment = {"class_path": "retrain.environment.GymEnvironment", "init_args": {"env_id": "MountainCarContinuous-v0"}}
+    result = run_retrain(tmp_path, "fit", "--config", str(quick_config(tmp_path)), "--model.init_args.environment", yaml.safe_dump(environment))
+    report = "\n".join(_fails_cleanly(result))
+    assert "retrain.environment.gym.GymEnvironment: GymEnvironment needs a Discrete action space" in report
+
+
+def test_invalid_yaml_names_the_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trainer:\n  max_steps: 3\n  callbacks: [1,\n")
+    result = run_retrain(tmp_path, "fit", "--config", str(quick_config(tmp_path)), "--config", str(bad))
+    report = "\n".join(_fails_cleanly(result))
+    assert f"{bad}, line 4, column 1: invalid YAML" in report
+
+
+def test_a_missing_config_file_says_so(tmp_path):
+    result = run_retrain(tmp_path, "fit", "--config", "configs/nope.yaml")
+    assert "--config configs/nope.yaml: no such file" in "\n".join(_fails_cleanly(result))
+
+
+def test_debug_switch_shows_the_traceback(tmp_path):
+    config = quick_config(tmp_path)
+    result = run_retrain(tmp_path, "fit", "--config", str(config), "--model.init_args.num_generations", "1", env={"RETRAIN_DEBUG": "1"})
+    assert result.returncode == 1 and "Traceback" in result.stderr and "num_generations=1" in result.stderr
+
+
+def test_a_reward_raising_stops_training_with_its_message_last_and_keeps_the_checkpoint(tmp_path):
+    (tmp_path / "grader.py").write_text(
+        "calls = 0\n\n"
+        "def flaky(completion, **kwargs):\n"
+        "    global calls\n    calls += 1\n"
+        "    if calls > 8:  # the second step's rollouts (2 prompts x 4): one update has happened\n"
+        "        raise RuntimeError('the grader database is down')\n"
+        "    return 0.5\n"
+    )
+    config = quick_config(tmp_path)
+    content = yaml.safe_load(config.read_text())
+    content["model"]["init_args"]["reward"]["rewards"] = [{"name": "grader.py:flaky"}]
+    content["trainer"]["callbacks"][0]["init_args"]["save_on_exception"] = True
+    config.write_text(yaml.safe_dump(content))
+    result = run_retrain(tmp_path, "fit", "--config", str(config))
+    report = _fails_cleanly(result, code=1)
+    assert report[0] == f"retrain fit: training stopped (config: {config})"
+    assert "reward 'flaky' raised RuntimeError: the grader database is down" in report[1]
+    saved = torch.load(tmp_path / "out" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert saved["global_step"] == 1, "the checkpoint on exception was lost"
+
+
+def test_version_and_fit_help(tmp_path):
+    version = run_retrain(tmp_path, "--version")
+    assert version.returncode == 0 and version.stdout.startswith("retrain 0.") and "torch 2." in version.stdout
+    help_text = run_retrain(tmp_path, "fit", "--help").stdout
+    assert "retrain.GRPOTrainer" in help_text and "retrain.RLOOTrainer" in help_text
+    assert "--model.help retrain.GRPOTrainer" in help_text and "retrain export" in help_text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -54,7 +55,7 @@ def test_fit_writes_checkpoints_wandb_run_and_finite_metrics_then_resumes(tmp_pa
     assert result.returncode == 0, result.stderr[-3000:]
     assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 6
     resumed = read_metrics(out / "csv")[4:]
-    assert [int(r["step"]) for r in resumed] == [4, 5]
+    assert [int(r["step"]) for r in resumed] == [5, 6]  # rows are labelled by updates done
     assert "retrain: 6 steps" in result.stdout  # the reward curve spans the whole run
 
 
@@ -83,3 +84,38 @@ def test_every_shipped_config_parses(path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "class_path: retrain." in result.stdout
+
+
+def test_ctrl_c_keeps_the_checkpoint_writes_the_curve_and_the_resume_logs_the_same_steps(tmp_path):
+    # The reward sends this process a real SIGINT (what Ctrl-C does) in the middle of step 3.
+    (tmp_path / "interrupting.py").write_text(
+        "import os, signal\n"
+        "from retrain.tasks.repeat_letter import letter_fraction\n"
+        "calls = 0\n\n"
+        "def reward(completion, answer, **kwargs):\n"
+        "    global calls\n    calls += 1\n"
+        "    if calls == int(os.environ.get('INTERRUPT_AT_CALL', 0)):\n"
+        "        os.kill(os.getpid(), signal.SIGINT)\n"
+        "    return letter_fraction(completion=completion, answer=answer)\n"
+    )
+    reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
+    for run in (reference, interrupted):
+        run.mkdir()
+        (run / "interrupting.py").write_text((tmp_path / "interrupting.py").read_text())
+        config = quick_config(run, max_steps=4)
+        config.write_text(config.read_text().replace("retrain.tasks.repeat_letter:letter_fraction", "interrupting.py:reward"))
+    assert run_retrain(reference, "fit", "--config", "config.yaml").returncode == 0
+
+    stopped = run_retrain(interrupted, "fit", "--config", "config.yaml", env={"INTERRUPT_AT_CALL": "17"})  # 8 rollouts a step
+    assert stopped.returncode == 1, stopped.stderr[-2000:]
+    assert "stopped by KeyboardInterrupt after step 2" in stopped.stdout
+    curve = json.loads((interrupted / "out" / "reward_curve.json").read_text())
+    assert curve["curve"]["step"] == [1, 2] and curve["stopped_by"] == "KeyboardInterrupt"
+    assert torch.load(interrupted / "out" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
+
+    resumed = run_retrain(interrupted, "fit", "--config", "config.yaml", "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    expected = {r["step"]: r["train/reward"] for r in read_metrics(reference / "out" / "csv")}
+    got = {r["step"]: r["train/reward"] for r in read_metrics(interrupted / "out" / "csv")}
+    assert list(expected) == ["1", "2", "3", "4"]
+    assert got == expected, "the resumed run's rows are not the uninterrupted run's, step for step"

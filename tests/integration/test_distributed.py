@@ -291,7 +291,7 @@ def test_ddp_on_cpu_each_rank_rolls_out_its_own_prompts_and_checkpoints_once(ddp
 
     # Metrics (rank 0's logger), the reward curve (rank 0), one W&B run with its completions table.
     rows = ddp_run["metrics"]
-    assert [int(r["step"]) for r in rows] == list(range(STEPS))
+    assert [int(r["step"]) for r in rows] == list(range(1, STEPS + 1))
     for row in rows:
         for name in FINITE:
             assert math.isfinite(float(row[name])), f"{name} = {row[name]}"
@@ -316,7 +316,7 @@ def test_ddp_resumes_from_last_checkpoint(ddp_run):
     _assert_synchronised(first, second, STEPS + 2)
     assert [s["step"] for s in first["steps"]] == [STEPS, STEPS + 1]
     assert {rank for rank, _ in _saves(run)} == {"0"}
-    assert [int(r["step"]) for r in _metrics(run)[STEPS:]] == [STEPS, STEPS + 1]
+    assert [int(r["step"]) for r in _metrics(run)[STEPS:]] == [STEPS + 1, STEPS + 2]
     assert f"retrain: {STEPS + 2} steps" in output  # the reward curve spans the whole run
 
 
@@ -382,7 +382,7 @@ def test_two_nodes_one_process_each_on_localhost(tmp_path, launcher, shared_mode
     assert torch.load(nodes[0] / "out" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == STEPS
     assert not list((nodes[1] / "out").glob("**/*.ckpt"))
     rows = _metrics(nodes[0])
-    assert [int(r["step"]) for r in rows] == list(range(STEPS))
+    assert [int(r["step"]) for r in rows] == list(range(1, STEPS + 1))
     assert all(math.isfinite(float(r["train/loss"])) for r in rows)
 
 
@@ -445,7 +445,7 @@ def test_quickstart_fsdp_config_trains_saves_and_resumes_on_two_cpu_processes(tm
     assert second.returncode == 0, second.stderr[-3000:]
     rows = [r for f in sorted((tmp_path / "outputs" / "quickstart_fsdp" / "csv").glob("*/metrics.csv")) for r in csv.DictReader(f.open())]
     steps = [int(r["step"]) for r in rows if r.get("train/loss")]
-    assert steps == list(range(5))  # 0-2 from the first run, 3-4 resumed: no step lost or repeated
+    assert steps == list(range(1, 6))  # 1-3 from the first run, 4-5 resumed: no step lost or repeated
     assert all(math.isfinite(float(r["train/loss"])) for r in rows if r.get("train/loss"))
 
 

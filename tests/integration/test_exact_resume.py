@@ -235,13 +235,13 @@ def test_killed_run_resumed_from_its_checkpoint_matches_the_uninterrupted_run(tm
     worst = 0.0
     for run in resumed_processes:
         resumed = _metrics(run)
-        # CSV `step` s is the generation that made optimizer update s + 1: the resumed run logs updates K+1..N.
-        assert [s for s in sorted(resumed) if s >= KILL_AT] == list(range(KILL_AT, STEPS))
-        for step in range(KILL_AT, STEPS):
+        # CSV `step` s is the row after optimizer update s: the resumed run logs updates K+1..N.
+        assert [s for s in sorted(resumed) if s > KILL_AT] == list(range(KILL_AT + 1, STEPS + 1))
+        for step in range(KILL_AT + 1, STEPS + 1):
             for name in COMPARED:
                 a, b = float(expected[step][name]), float(resumed[step][name])
                 worst = max(worst, abs(a - b))
-                assert abs(a - b) <= TOLERANCE, f"{run.name}, step {step + 1}, {name}: uninterrupted {a!r}, resumed {b!r}"
+                assert abs(a - b) <= TOLERANCE, f"{run.name}, step {step}, {name}: uninterrupted {a!r}, resumed {b!r}"
 
         # The sampled text itself: the resumed run's generations are the reference run's K+1..N.
         assert _completions(run / "resumed_completions.log", STEPS - KILL_AT) == reference_text[KILL_AT:], run.name

@@ -72,8 +72,18 @@ class RewardCurve(pl.Callback):
 
     @rank_zero_only
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._write()
+
+    @rank_zero_only
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # Ctrl-C or a fault that stops training: the curve so far is still worth having.
+        self._write(stopped_by=exception)
+
+    def _write(self, stopped_by: Optional[BaseException] = None) -> None:
         summary = {"metric": self.metric, **curve_summary(self.steps, self.values, self.window_fraction)}
         summary["train_seconds"] = round(self._elapsed(), 1)
+        if stopped_by is not None:
+            summary["stopped_by"] = "KeyboardInterrupt" if isinstance(stopped_by, KeyboardInterrupt) else type(stopped_by).__name__
         self.output_dir.mkdir(parents=True, exist_ok=True)
         (self.output_dir / "reward_curve.json").write_text(
             json.dumps({**summary, "curve": {"step": self.steps, "value": self.values}}, indent=1)
@@ -106,8 +116,9 @@ def _report(summary: dict[str, Any], output_dir: Path) -> str:
     if not summary.get("steps"):
         return f"retrain: no '{summary['metric']}' values were logged."
     ratio = summary["improvement_ratio"]
+    stopped = f" (stopped by {summary['stopped_by']} after step {summary['last_step']})" if "stopped_by" in summary else ""
     return (
-        f"\nretrain: {summary['steps']} steps in {summary['train_seconds']} s. {summary['metric']}: "
+        f"\nretrain{stopped}: {summary['steps']} steps in {summary['train_seconds']} s. {summary['metric']}: "
         f"first {summary['window']} steps {summary['first_mean']:.3f} -> last {summary['window']} steps "
         f"{summary['last_mean']:.3f}" + (f" ({ratio:.1f}x)" if ratio else "") + f". Curve: {output_dir / 'reward_curve.png'}\n"
     )

@@ -529,6 +529,7 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
         values = {f"{stage}/reward": rewards.mean()}
         values.update({f"{stage}/rewards/{name}": torch.tensor(v).mean() for name, v in scored.components.items()})
         values.update({f"{stage}/verifiers/{name}": torch.tensor(v, dtype=torch.float32).mean() for name, v in scored.verifier_passed.items()})
+        values["step"] = _logged_step(self.global_step)  # a constant: its epoch mean is the step itself
         self.log_dict(values, on_epoch=True, sync_dist=True, batch_size=n)
 
     def _log_generation(self, experience: Experience, update_metrics: dict[str, float]) -> None:
@@ -547,6 +548,7 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
         metrics.update({f"train/{k}": torch.tensor(v) for k, v in update_metrics.items()})
         metrics.update({f"train/rewards/{k}": torch.tensor(v).mean() for k, v in scored.components.items()})
         metrics.update({f"train/verifiers/{k}": torch.tensor(v, dtype=torch.float32).mean() for k, v in scored.verifier_passed.items()})
+        metrics["step"] = _logged_step(self.global_step)
         self.log_dict(metrics, on_step=True, batch_size=len(trajectories))
         self.log("reward", rewards.mean(), prog_bar=True, on_step=True, logger=False, batch_size=len(trajectories))
         self._last_trajectories = trajectories
@@ -559,6 +561,15 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
         if self._trainer is None or not self.trainer.optimizers:
             return self.hparams.learning_rate
         return self.trainer.optimizers[0].param_groups[0]["lr"]
+
+
+def _logged_step(global_step: int) -> torch.Tensor:
+    """The x-axis of every logged row: the optimizer updates done (a "step" metric is Lightning's way to
+    set it). Lightning's default, its count of batches, counts generations rather than updates (off by
+    `num_iterations x steps_per_generation`), and after a resume from a checkpoint taken mid-batch (on an
+    exception or Ctrl-C) it is one ahead of the uninterrupted run's; the update count is in every
+    checkpoint, so row K is the state of checkpoint `step=K` in any run."""
+    return torch.tensor(float(global_step))
 
 
 def _episode_metrics(trajectories: Sequence[Trajectory], scored: RewardResult) -> dict[str, torch.Tensor]:

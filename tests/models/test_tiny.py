@@ -8,6 +8,8 @@ from __future__ import annotations
 import string
 
 import pytest
+
+from retrain.core.errors import ConfigError
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -178,7 +180,7 @@ def test_load_reuses_existing_directory(tmp_path):
 
 def test_load_without_tiny_does_not_build(tmp_path):
     config = PolicyConfig(name_or_path=str(tmp_path / "absent"))
-    with pytest.raises(OSError):  # not a directory and not a valid hub id
+    with pytest.raises(ConfigError, match=f"policy.name_or_path=.*: no directory {tmp_path / 'absent'}"):
         load_tokenizer(config)
     assert not (tmp_path / "absent").exists()
 

@@ -24,6 +24,7 @@ from argparse import ArgumentError
 from importlib import metadata
 from typing import Any
 
+from retrain.cli.console import drop_unset_wandb_options, outputs_summary, quiet_console, quiet_transformers_progress
 from retrain.cli.errors import check_config_files, config_files, debug_enabled, instantiation_error, option_keys, report_for
 from retrain.core.errors import ConfigError
 
@@ -52,6 +53,26 @@ def _cli_class() -> type:
                 subparser = getattr(self, "_subcommand_parsers", {}).get(subcommand, parser)
                 err.retrain_keys = option_keys(subparser)  # type: ignore[attr-defined]  (for "did you mean")
                 raise
+
+        def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
+            from lightning.pytorch.callbacks import ProgressBar
+
+            from retrain.callbacks.progress import RLProgressBar
+
+            configured = list(config.get("callbacks") or []) + list(callbacks)
+            if config.get("enable_progress_bar", True) is not False and not any(isinstance(c, ProgressBar) for c in configured):
+                callbacks = [*callbacks, RLProgressBar()]
+            return super()._instantiate_trainer(config, callbacks)
+
+        def after_instantiate_classes(self) -> None:
+            policy = getattr(self.model, "policy_config", None)
+            if policy is not None and policy.tiny is not None:
+                quiet_transformers_progress()
+            drop_unset_wandb_options(self.trainer)
+
+        def after_fit(self) -> None:
+            if self.trainer.is_global_zero:
+                print(outputs_summary(self.trainer))
 
         def instantiate_classes(self) -> None:
             try:
@@ -127,13 +148,17 @@ def run(args: Optional[list[str]] = None) -> None:
         return
     from retrain.data.datamodule import PromptDataModule
 
-    _cli_class()(
+    cli_class = _cli_class()
+    quiet_console()
+    cli_class(
         model_class=None,
         datamodule_class=PromptDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
-        trainer_defaults={"log_every_n_steps": 1, "max_epochs": -1},
+        # Lightning's model summary would list internal modules and an all-zero FLOPs column; the RL
+        # module prints its own one-line summary of the policy when fit starts.
+        trainer_defaults={"log_every_n_steps": 1, "max_epochs": -1, "enable_model_summary": False},
         auto_configure_optimizers=False,
         parser_kwargs={"exit_on_error": False, "epilog": EXPORT_HELP, "fit": {"description": FIT_HELP}},
         args=args,

@@ -5,13 +5,18 @@ The tiny local model takes the same path: it is built into a directory first, th
 
 from __future__ import annotations
 
+import os
+import re
+import socket
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 from typing import Literal, Optional, Union
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from retrain.core.errors import ConfigError
 from retrain.models.tiny import TinyModelConfig, build_tiny_model
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
@@ -87,6 +92,7 @@ torch.serialization.add_safe_globals([PolicyConfig, LoraSettings, TinyModelConfi
 def load_tokenizer(config: PolicyConfig) -> PreTrainedTokenizerBase:
     """The policy's tokenizer, set up for batched generation (left padding, a pad token)."""
     ensure_tiny_model(config)
+    check_policy_source(config)  # the first load of a run: a wrong path or an unreachable hub fails here, fast
     tokenizer = AutoTokenizer.from_pretrained(
         config.name_or_path, revision=config.revision, trust_remote_code=config.trust_remote_code
     )
@@ -128,7 +134,80 @@ def is_adapter_model(model: torch.nn.Module) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
-def ensure_tiny_model(config: PolicyConfig) -> None:
-    """Build the tiny local model into `name_or_path` when `tiny` is set and the directory is missing."""
-    if config.tiny is not None and not (Path(config.name_or_path) / "config.json").is_file():
-        build_tiny_model(config.name_or_path, config.tiny)
+def ensure_tiny_model(config: PolicyConfig) -> Optional[str]:
+    """Build the tiny local model into `name_or_path` when `tiny` is set and the directory is missing.
+
+    Returns what was built, in words, for the caller to log (a typo'd path with `tiny` set builds a
+    fresh random model silently otherwise); None when the model was already there.
+    """
+    if config.tiny is None or (Path(config.name_or_path) / "config.json").is_file():
+        return None
+    build_tiny_model(config.name_or_path, config.tiny)
+    t = config.tiny
+    return (
+        f"retrain: built a new tiny model (random weights; {t.num_layers} layer{'s' * (t.num_layers != 1)}, width {t.hidden_size}) at "
+        f"{config.name_or_path}, because policy.tiny is set and no model was there. To train an existing model, "
+        "point policy.name_or_path at it and set policy.tiny: null."
+    )
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+def check_policy_source(config: PolicyConfig) -> None:
+    """`policy.name_or_path` names a model directory, or a hub id that is cached or reachable.
+
+    Raises a `ConfigError` before anything loads: for a path that does not exist (instead of
+    transformers' "Repo id must be in the form..."), and for a hub id that is not in the local cache
+    when the hub is unreachable or `HF_HUB_OFFLINE` is set (instead of a minute of retries).
+    """
+    name = config.name_or_path
+    path = Path(name).expanduser()
+    where = f"policy.name_or_path={name!r}"
+    if path.is_dir():
+        if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+            raise ConfigError(
+                f"{where}: the directory {path.resolve()} holds no config.json, so it is not a model written by "
+                "save_pretrained. Point it at the directory that holds the model's config.json and weights."
+            )
+        return
+    if path.exists():
+        raise ConfigError(f"{where}: {path.resolve()} is a file; point it at the model's directory (the one with config.json).")
+    no_directory = f"no directory {path.resolve()}"
+    if not _HUB_ID.fullmatch(name):
+        raise ConfigError(
+            f"{where}: {no_directory}. Point it at a directory written by save_pretrained, or give a Hugging Face hub "
+            "id such as Qwen/Qwen2.5-0.5B-Instruct (with policy.tiny set, retrain builds its tiny test model there)."
+        )
+    if _in_hub_cache(name, config.revision):
+        return
+    local_copy = (
+        f"Download it where there is network (`hf download {name} --local-dir DIR`) and set policy.name_or_path to DIR. "
+        f"(If you meant a local directory: {no_directory}.)"
+    )
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise ConfigError(f"{where}: not in the local Hugging Face cache, and HF_HUB_OFFLINE is set. {local_copy}")
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    problem = _unreachable(endpoint)
+    if problem is not None:
+        raise ConfigError(f"{where}: not in the local Hugging Face cache, and {endpoint} cannot be reached ({problem}). {local_copy}")
+
+
+def _in_hub_cache(repo_id: str, revision: Optional[str]) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json", revision=revision), str)
+    except Exception:  # an id the cache cannot even name: let the loader give its own error
+        return False
+
+
+def _unreachable(endpoint: str, timeout: float = 3.0) -> Optional[str]:
+    """Why `endpoint` cannot be reached within `timeout` seconds, or None if a connection opens."""
+    parsed = urlparse(endpoint)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        socket.create_connection((parsed.hostname or "", port), timeout=timeout).close()
+    except OSError as err:
+        return f"{type(err).__name__}: {err}"
+    return None

@@ -22,7 +22,8 @@ from typing import Any, Callable, Literal, Optional, Sequence
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.model_summary import get_human_readable_count
 from transformers import get_scheduler
 
 from retrain.core.errors import ConfigError
@@ -32,6 +33,7 @@ from retrain.environment.single_turn import SingleTurnEnvironment
 from retrain.models.loading import PolicyConfig, ensure_tiny_model, is_adapter_model, load_policy, load_tokenizer
 from retrain.reward.calculator import RewardCalculator, RewardResult
 from retrain.trainer.base import BaseTrainer
+from retrain.trainer.context import check_prompts_fit, context_length
 from retrain.trainer.experience import Experience, completion_logps, pack_trajectories
 from retrain.trainer.host_memory import tune_malloc_for_reuse
 from retrain.trainer.losses import LossStats, masked_mean
@@ -221,7 +223,9 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
     # ------------------------------------------------------------------ model and optimizer
     def prepare_data(self) -> None:
         """Once per node, before any rank loads: build the tiny local model if it is configured and missing."""
-        ensure_tiny_model(self.policy_config)
+        built = ensure_tiny_model(self.policy_config)
+        if built:
+            rank_zero_info(built)
 
     def configure_model(self) -> None:
         """Load the policy and, when `beta > 0`, the reference: a frozen copy of the initial policy, or
@@ -454,6 +458,36 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
         self.log("train/tokens_per_second", tokens / max(elapsed, 1e-9), on_step=True, batch_size=1)
         self.log("train/step_seconds", elapsed, on_step=True, batch_size=1)
 
+    def on_fit_start(self) -> None:
+        rank_zero_info(policy_summary(self))
+        self.check_prompt_lengths(("train", "val"))
+
+    def on_validation_start(self) -> None:
+        if self._trainer is not None and self.trainer.state.fn == "validate":  # `retrain validate`
+            self.check_prompt_lengths(("val",))
+
+    def on_test_start(self) -> None:
+        self.check_prompt_lengths(("test",))
+
+    def check_prompt_lengths(self, splits: Sequence[str]) -> None:
+        """Every prompt of this rank's finite `splits` fits in the context with its completion budget
+        (`retrain.trainer.context`), checked before any rollout."""
+        limit = context_length(self.policy, self.tokenizer)
+        datamodule = getattr(self._trainer, "datamodule", None)
+        sources = getattr(datamodule, "sources", {})
+        if limit is None or datamodule is None:
+            return
+        sampler = self.make_sampler()
+        for split in splits:
+            if split not in sources:
+                continue
+            shard = datamodule.shard(split)
+            if not hasattr(shard, "__len__"):  # endless: checked as its prompts arrive (the sampler)
+                continue
+            where = f"{sources[split].where} ({split} split)"
+            records = ((shard.indices[i], shard[i]) for i in range(len(shard)))  # numbered as in the source
+            check_prompts_fit(records, sampler.encode, limit, self.hparams.max_completion_length, where)
+
     def on_fit_end(self) -> None:
         self.rollouts.close()
 
@@ -561,6 +595,20 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
         if self._trainer is None or not self.trainer.optimizers:
             return self.hparams.learning_rate
         return self.trainer.optimizers[0].param_groups[0]["lr"]
+
+
+def policy_summary(module: "RLTrainer") -> str:
+    """One line on what trains: the algorithm, the policy's class, size, dtype and where it runs
+    (instead of Lightning's module table, which lists internal modules and FLOPs it cannot count)."""
+    params = list(module.policy.parameters())
+    total = sum(p.numel() for p in params)
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    reference = ", a frozen reference copy" if module.ref_policy is not None else ""
+    where = f"{module.device.type} x {module.trainer.world_size}" if module._trainer is not None else module.device.type
+    return (
+        f"retrain: {type(module).__name__} training {type(module.policy).__name__} ({get_human_readable_count(total)} "
+        f"parameters, {get_human_readable_count(trainable)} trainable, {str(params[0].dtype).removeprefix('torch.') if params else '?'}{reference}) on {where}"
+    )
 
 
 def _logged_step(global_step: int) -> torch.Tensor:

@@ -32,6 +32,7 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 from retrain.core.records import Message
 from retrain.core.episode import Generation
 from retrain.trainer import decoding
+from retrain.trainer.context import ContextOverflowError, context_length, no_room_message
 from retrain.trainer.sharding import LockstepGeneration, generate_kwargs, generation_context, generation_state
 
 _IDLE_TURNS = 4  # event-loop turns without a new request before a partial batch is served
@@ -93,6 +94,7 @@ class BatchingSampler:
             "eos_token_id": tokenizer.eos_token_id,
             "bos_token_id": tokenizer.bos_token_id,
         })
+        self.context_limit = context_length(model, tokenizer)
         self.active_episodes = 0
         self.generate_calls = 0
         self._pending: list[tuple[list[int], int, asyncio.Future]] = []
@@ -123,6 +125,12 @@ class BatchingSampler:
 
     async def generate(self, context_ids: Sequence[int], max_new_tokens: Optional[int] = None) -> Generation:
         budget = self.max_new_tokens if max_new_tokens is None else min(max_new_tokens, self.max_new_tokens)
+        if self.context_limit is not None:  # generation ends where the context does (retrain.trainer.context)
+            room = self.context_limit - len(context_ids)
+            if room < 1:
+                head = self.tokenizer.decode(list(context_ids[:60]), skip_special_tokens=True)
+                raise ContextOverflowError(no_room_message(len(context_ids), self.context_limit, head))
+            budget = min(budget, room)
         future = asyncio.get_running_loop().create_future()
         self._pending.append((list(context_ids), max(budget, 1), future))
         if self._flush_task is None:
@@ -136,14 +144,28 @@ class BatchingSampler:
             await asyncio.sleep(0)
             idle = idle + 1 if len(self._pending) == seen else 0
         pending, self._pending, self._flush_task = self._pending, [], None
-        try:
-            results = self._generate_batch([context for context, _, _ in pending], max(b for _, b, _ in pending))
-        except BaseException as err:  # hand the failure to every waiting episode
-            for _, _, future in pending:
-                future.set_exception(err)
-            return
-        for (_, budget, future), tokens in zip(pending, results):
-            future.set_result(self._to_generation(tokens[:budget], budget))
+        for batch in self._within_context(pending):
+            try:
+                results = self._generate_batch([context for context, _, _ in batch], max(b for _, b, _ in batch))
+            except BaseException as err:  # hand the failure to every waiting episode
+                for _, _, future in pending:
+                    if not future.done():
+                        future.set_exception(err)
+                return
+            for (_, budget, future), tokens in zip(batch, results):
+                future.set_result(self._to_generation(tokens[:budget], budget))
+
+    def _within_context(self, pending: list[tuple[list[int], int, asyncio.Future]]) -> list[list[tuple[list[int], int, asyncio.Future]]]:
+        """The requests as batches whose padded width plus their longest budget fits the context: one
+        batch normally; near the context's end, one per context length (a short row's larger budget
+        must not push the longest row past the last position)."""
+        longest = max(len(context) for context, _, _ in pending)
+        if self.context_limit is None or longest + max(b for _, b, _ in pending) <= self.context_limit:
+            return [pending]
+        by_length: dict[int, list[tuple[list[int], int, asyncio.Future]]] = {}
+        for request in pending:
+            by_length.setdefault(len(request[0]), []).append(request)
+        return list(by_length.values())
 
     @torch.no_grad()
     def _generate_batch(self, contexts: list[list[int]], max_new_tokens: int) -> list[list[int]]:

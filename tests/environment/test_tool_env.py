@@ -171,3 +171,28 @@ def test_tool_schemas_reach_the_chat_template(tokenizer):
     sampler = ScriptedSampler(tokenizer, ["4"])
     [trajectory] = _rollouts(ToolEnvironment(FunctionToolProvider([add, nap])), sampler, [PromptRecord(prompt="2+2")])
     assert tokenizer.decode(trajectory.prompt_ids) == "tools: add,nap\nuser: 2+2\nassistant: "
+
+
+def test_a_template_that_ignores_tools_is_reported_and_the_system_prompt_can_carry_them(tokenizer, recwarn):
+    # The tiny model's template drops `tools=`: the policy would never learn the tools exist.
+    [plain] = _rollouts(ToolEnvironment(FunctionToolProvider([add])), ScriptedSampler(tokenizer, ["4"]), [PromptRecord(prompt="2+2")])
+    ignored = [w for w in recwarn if "ignores `tools=`" in str(w.message)]
+    assert ignored and "tools_in_system_prompt: true" in str(ignored[0].message)
+    assert "add" not in tokenizer.decode(plain.prompt_ids)
+    recwarn.clear()
+
+    environment = ToolEnvironment(FunctionToolProvider([add]), system_prompt="Be exact.", tools_in_system_prompt=True)
+    [carried] = _rollouts(environment, ScriptedSampler(tokenizer, ["4"]), [PromptRecord(prompt="2+2")])
+    prompt = tokenizer.decode(carried.prompt_ids)
+    assert prompt.startswith("system: Be exact.\n\nYou may call these tools:\n<tools>\n") and '"name": "add"' in prompt
+    assert "<tool_call>" in prompt and prompt.endswith("user: 2+2\nassistant: ")
+    assert not [w for w in recwarn if "ignores `tools=`" in str(w.message)]
+
+
+def test_a_template_that_renders_tools_is_not_reported(tokenizer, recwarn):
+    tokenizer.chat_template = (
+        "{% if tools %}tools: {{ tools | map(attribute='function.name') | join(',') }}\n{% endif %}"
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    _rollouts(ToolEnvironment(FunctionToolProvider([add])), ScriptedSampler(tokenizer, ["4"]), [PromptRecord(prompt="2+2")])
+    assert not [w for w in recwarn if "ignores `tools=`" in str(w.message)]

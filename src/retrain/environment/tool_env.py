@@ -16,6 +16,7 @@ raises, which stops training with its error.
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any, Optional, Union
 
 from retrain.core.records import Message, PromptRecord
@@ -35,6 +36,9 @@ class ToolEnvironment(Environment):
         tool_timeout: seconds one tool call may take before it becomes a timeout error.
         max_tool_calls_per_turn: calls beyond this in one turn get an error result.
         system_prompt: a system message placed before the prompt.
+        tools_in_system_prompt: write the tool schemas, and how to call them, into the system
+            message instead of passing them to the chat template as `tools=`: for templates that
+            ignore `tools=` (the policy would never see the tools; retrain warns when it finds one).
     """
 
     def __init__(
@@ -44,6 +48,7 @@ class ToolEnvironment(Environment):
         tool_timeout: float = 30.0,
         max_tool_calls_per_turn: int = 4,
         system_prompt: Optional[str] = None,
+        tools_in_system_prompt: bool = False,
     ) -> None:
         providers = tools if isinstance(tools, list) else [tools]
         if not providers:
@@ -55,6 +60,7 @@ class ToolEnvironment(Environment):
         self.tool_timeout = tool_timeout
         self.max_tool_calls_per_turn = max_tool_calls_per_turn
         self.system_prompt = system_prompt
+        self.tools_in_system_prompt = tools_in_system_prompt
         self.specs: list[ToolSpec] = []
         self._owner: dict[str, ToolProvider] = {}
 
@@ -76,11 +82,27 @@ class ToolEnvironment(Environment):
     def tool_schemas(self) -> list[dict[str, Any]]:
         return [spec.to_chat_template() for spec in self.specs]
 
+    @property
+    def _template_tools(self) -> Optional[list[dict[str, Any]]]:
+        """What the chat template gets as `tools=` (nothing when the system message carries them)."""
+        return None if self.tools_in_system_prompt else self.tool_schemas
+
+    def _system_message(self) -> Optional[str]:
+        if not self.tools_in_system_prompt:
+            return self.system_prompt
+        listed = "\n".join(json.dumps(schema) for schema in self.tool_schemas)
+        tools = (
+            "You may call these tools:\n<tools>\n" + listed + "\n</tools>\n"
+            'To call one, write <tool_call>{"name": <tool name>, "arguments": <arguments object>}</tool_call>.'
+        )
+        return tools if self.system_prompt is None else f"{self.system_prompt}\n\n{tools}"
+
     # ------------------------------------------------------------------ one episode
     async def reset(self, record: PromptRecord) -> EnvironmentObservation:
         messages: list[Message] = record.prompt if record.is_chat else [{"role": "user", "content": record.prompt}]
-        if self.system_prompt is not None:
-            messages = [{"role": "system", "content": self.system_prompt}, *messages]
+        system = self._system_message()
+        if system is not None:
+            messages = [{"role": "system", "content": system}, *messages]
         self.messages: list[Message] = list(messages)
         self.pending: list[Message] = []
         self.counts = {"tool_calls": 0, "tool_errors": 0, "tool_timeouts": 0, "parse_errors": 0}
@@ -125,11 +147,11 @@ class ToolEnvironment(Environment):
             return f"Error: {err}"
 
     def encode_prompt(self, policy: PolicyClient, observation: EnvironmentObservation) -> list[int]:
-        return policy.encode(observation.content, tools=self.tool_schemas)
+        return policy.encode(observation.content, tools=self._template_tools)
 
     def encode_observation(self, policy: PolicyClient, observation: EnvironmentObservation) -> list[int]:
         history, self.messages = self.messages, [*self.messages, *self.pending]
-        return policy.encode_continuation(history, self.pending, tools=self.tool_schemas)
+        return policy.encode_continuation(history, self.pending, tools=self._template_tools)
 
     def episode_metrics(self) -> dict[str, float]:
         return {name: float(value) for name, value in self.counts.items()}

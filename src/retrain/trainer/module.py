@@ -33,6 +33,7 @@ from retrain.environment.single_turn import SingleTurnEnvironment
 from retrain.models.loading import PolicyConfig, ensure_tiny_model, is_adapter_model, load_policy, load_tokenizer
 from retrain.reward.calculator import RewardCalculator, RewardResult
 from retrain.trainer.base import BaseTrainer
+from retrain.trainer.cadence import align_checkpoint_cadence
 from retrain.trainer.context import check_prompts_fit, context_length
 from retrain.trainer.experience import Experience, completion_logps, pack_trajectories
 from retrain.trainer.host_memory import tune_malloc_for_reuse
@@ -296,6 +297,9 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
                 f"trainer.max_steps={max_steps} is not a multiple of the {updates} optimizer updates each generation "
                 f"makes (num_iterations x steps_per_generation): training stops after {-(-max_steps // updates) * updates}."
             )
+        if updates > 1 and self._trainer is not None:
+            for message in align_checkpoint_cadence(self.trainer.checkpoint_callbacks, updates):
+                rank_zero_info(message)
         datamodule = getattr(self._trainer, "datamodule", None)
         batch_size = getattr(datamodule, "batch_size", None)
         if batch_size is not None and (batch_size * self.hparams.num_generations) % self.hparams.steps_per_generation:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import warnings
 from typing import Any, Literal, Optional, Sequence, Union
 
 import torch
@@ -95,6 +96,7 @@ class BatchingSampler:
             "bos_token_id": tokenizer.bos_token_id,
         })
         self.context_limit = context_length(model, tokenizer)
+        self._template_renders_tools: Optional[bool] = None
         self.active_episodes = 0
         self.generate_calls = 0
         self._pending: list[tuple[list[int], int, asyncio.Future]] = []
@@ -105,7 +107,23 @@ class BatchingSampler:
     ) -> list[int]:
         if isinstance(content, str):
             return self.tokenizer(content, add_special_tokens=add_generation_prompt)["input_ids"]
+        if tools:
+            self._check_template_renders_tools(tools)
         return self._tokens(self._render(content, add_generation_prompt, tools))
+
+    def _check_template_renders_tools(self, tools: list[dict[str, Any]]) -> None:
+        """Warn (once: the same message from the same line) when the chat template drops `tools=`."""
+        if self._template_renders_tools is None:
+            probe = [{"role": "user", "content": "?"}]
+            self._template_renders_tools = self._render(probe, True, tools) != self._render(probe, True, None)
+        if not self._template_renders_tools:
+            name = getattr(self.tokenizer, "name_or_path", "") or type(self.tokenizer).__name__
+            warnings.warn(
+                f"The chat template of the policy's tokenizer ({name}) ignores `tools=`: the policy never sees the tool "
+                "schemas. Set `tools_in_system_prompt: true` on the ToolEnvironment (the schemas and the <tool_call> "
+                "format go into the system message), or give the tokenizer a chat template that renders tools.",
+                UserWarning, stacklevel=2,
+            )
 
     def encode_continuation(
         self, history: list[Message], new_messages: list[Message], *, tools: Optional[list[dict[str, Any]]] = None

@@ -1,8 +1,9 @@
 """Tests for retrain.environment.mcp.MCPToolProvider against real MCP servers over the real protocol.
 
-Servers: the PyPI package `mcp-server-calculator` (stdio, launched as `python -m mcp_server_calculator`
-with this interpreter) and `servers/mcp_test_server.py` (FastMCP; stdio, or streamable HTTP on a free
-loopback port). No mocks. Every test starts and closes its own servers.
+Servers: retrain's calculator (`python -m retrain.environment.servers.calculator`, stdio), the PyPI
+package `mcp-server-time` (a third-party server, stdio) and `servers/mcp_test_server.py` (the SDK's
+FastMCP/MCPServer; stdio, or streamable HTTP on a free loopback port). No mocks. Every test starts and
+closes its own servers.
 """
 
 from __future__ import annotations
@@ -30,15 +31,8 @@ pytestmark = pytest.mark.timeout(60)
 TEST_SERVER = str(Path(__file__).parent / "servers" / "mcp_test_server.py")
 
 
-def needs_calculator(test):
-    """mcp-server-calculator is a test dependency (pip install -e '.[test]'): its absence is a failure, not a skip."""
-    import mcp_server_calculator  # noqa: F401
-
-    return test
-
-
 def calculator(**kwargs: Any) -> MCPToolProvider:
-    return MCPToolProvider(command=sys.executable, args=["-m", "mcp_server_calculator"], startup_timeout=15.0, **kwargs)
+    return MCPToolProvider(command=sys.executable, args=["-m", "retrain.environment.servers.calculator"], startup_timeout=15.0, **kwargs)
 
 
 def our_server(*extra_args: str, **kwargs: Any) -> MCPToolProvider:
@@ -60,10 +54,9 @@ def run(provider: MCPToolProvider, body: Callable[[MCPToolProvider], Awaitable[A
     return asyncio.run(main())
 
 
-# -- mcp-server-calculator over stdio ---------------------------------------------------------------
+# -- retrain's calculator server over stdio ---------------------------------------------------------------
 
 
-@needs_calculator
 def test_calculator_lists_its_tool_with_a_schema():
     async def body(provider: MCPToolProvider):
         specs = await provider.list_tools()
@@ -78,7 +71,6 @@ def test_calculator_lists_its_tool_with_a_schema():
     run(calculator(), body)
 
 
-@needs_calculator
 def test_calculator_computes():
     async def body(provider: MCPToolProvider):
         assert await provider.call("calculate", {"expression": "2 * (3 + 4)"}) == "14"
@@ -87,7 +79,6 @@ def test_calculator_computes():
     run(calculator(), body)
 
 
-@needs_calculator
 def test_calculator_concurrent_calls_all_answer_right():
     expressions = {f"{i} * {i} + 1": str(i * i + 1) for i in range(8)}
 
@@ -98,12 +89,11 @@ def test_calculator_concurrent_calls_all_answer_right():
     run(calculator(), body)
 
 
-@needs_calculator
 def test_calculator_bad_expression_and_unknown_tool_are_tool_errors():
     async def body(provider: MCPToolProvider):
         with pytest.raises(ToolError) as bad:
             await provider.call("calculate", {"expression": "2 +* ("})
-        assert "calculate" in str(bad.value)
+        assert "calculate" in str(bad.value) and "not an arithmetic expression" in str(bad.value)
         with pytest.raises(ToolError) as unknown:
             await provider.call("integrate", {"expression": "x"})
         assert "unknown tool 'integrate'" in str(unknown.value) and "calculate" in str(unknown.value)
@@ -113,6 +103,19 @@ def test_calculator_bad_expression_and_unknown_tool_are_tool_errors():
         assert await provider.call("calculate", {"expression": "1 + 1"}) == "2"
 
     run(calculator(), body)
+
+
+def test_a_third_party_server_from_pypi():
+    """mcp-server-time (a test dependency: its absence fails here, it is not skipped), on the same mcp major."""
+    provider = MCPToolProvider(command=sys.executable, args=["-m", "mcp_server_time", "--local-timezone", "UTC"], startup_timeout=20.0)
+
+    async def body(provider: MCPToolProvider):
+        names = [spec.name for spec in await provider.list_tools()]
+        assert "get_current_time" in names
+        answer = json.loads(await provider.call("get_current_time", {"timezone": "UTC"}))
+        assert answer["timezone"] == "UTC" and answer["datetime"][:4].isdigit()
+
+    run(provider, body)
 
 
 # -- the FastMCP test server over stdio -------------------------------------------------------------
@@ -292,7 +295,7 @@ def test_built_from_a_config_by_jsonargparse():
 
     parser = ArgumentParser()
     parser.add_argument("--provider", type=ToolProvider)
-    init_args = {"command": sys.executable, "args": ["-m", "mcp_server_calculator"], "call_timeout": 5, "tools": ["calculate"]}
+    init_args = {"command": sys.executable, "args": ["-m", "retrain.environment.servers.calculator"], "call_timeout": 5, "tools": ["calculate"]}
     config = parser.parse_args(
         ["--provider", json.dumps({"class_path": "retrain.environment.mcp.MCPToolProvider", "init_args": init_args})]
     )
@@ -300,7 +303,7 @@ def test_built_from_a_config_by_jsonargparse():
     provider = instantiate(config).provider
     assert isinstance(provider, MCPToolProvider)
     assert (provider.args, provider.call_timeout, provider.tools, provider.restart_on_failure) == (
-        ["-m", "mcp_server_calculator"], 5.0, ["calculate"], True,
+        ["-m", "retrain.environment.servers.calculator"], 5.0, ["calculate"], True,
     )
 
 

@@ -4,6 +4,9 @@ no usage text; the model is never built first."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import yaml
@@ -107,3 +110,18 @@ def test_version_and_fit_help(tmp_path):
     help_text = run_retrain(tmp_path, "fit", "--help").stdout
     assert "retrain.GRPOTrainer" in help_text and "retrain.RLOOTrainer" in help_text
     assert "--model.help retrain.GRPOTrainer" in help_text and "retrain export" in help_text
+
+
+def test_a_tool_server_that_cannot_start_fails_before_the_model_loads(tmp_path):
+    server = Path(__file__).resolve().parents[1] / "environment" / "servers" / "mcp_test_server.py"
+    (tmp_path / "refuse").write_text("")
+    environment = {
+        "class_path": "retrain.environment.ToolEnvironment",
+        "init_args": {"tools": [{"class_path": "retrain.environment.mcp.MCPToolProvider", "init_args": {
+            "command": sys.executable, "args": [str(server), "--refuse-start-if", str(tmp_path / "refuse")], "startup_timeout": 20}}]},
+    }
+    result = run_retrain(tmp_path, "fit", "--config", str(quick_config(tmp_path)), "--model.init_args.environment", yaml.safe_dump(environment))
+    report = "\n".join(_fails_cleanly(result))
+    assert "model.init_args.environment could not be set up, so training did not start" in report
+    assert "refuse-4712" in report  # the server's own last words
+    assert not (tmp_path / "model").exists(), "the model was built before the server was started"

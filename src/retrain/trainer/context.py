@@ -15,7 +15,7 @@ silently runs outside what it was trained on. retrain's rule:
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 from retrain.core.errors import ConfigError
 from retrain.core.records import PromptRecord
@@ -59,6 +59,22 @@ def check_prompts_fit(
                 f"{limit}. Prompt: {_head(record.prompt)}. Shorten or drop the record, lower max_completion_length, "
                 "or use a model with a longer context."
             )
+
+
+def check_datamodule_prompts(
+    datamodule: Any, splits: Sequence[str], encode: Callable[[Any], list[int]], limit: int, max_completion_length: int
+) -> None:
+    """`check_prompts_fit` over this rank's records of each finite split of a `PromptDataModule`
+    (an endless split is checked as its prompts arrive, by the sampler)."""
+    sources = getattr(datamodule, "sources", {})
+    for split in splits:
+        if split not in sources:
+            continue
+        shard = datamodule.shard(split)
+        if not hasattr(shard, "__len__"):
+            continue
+        records = ((shard.indices[i], shard[i]) for i in range(len(shard)))  # numbered as in the source
+        check_prompts_fit(records, encode, limit, max_completion_length, f"{sources[split].where} ({split} split)")
 
 
 def no_room_message(context_tokens: int, limit: int, text: str) -> str:

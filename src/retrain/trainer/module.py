@@ -23,10 +23,9 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from lightning.pytorch.utilities.model_summary import get_human_readable_count
 from transformers import get_scheduler
 
-from retrain.core.errors import ConfigError
+from retrain.core.errors import ConfigError, TrainingFault
 from retrain.core.records import PromptRecord
 from retrain.environment.base import Environment, Trajectory
 from retrain.environment.single_turn import SingleTurnEnvironment
@@ -34,10 +33,12 @@ from retrain.models.loading import PolicyConfig, ensure_tiny_model, is_adapter_m
 from retrain.reward.calculator import RewardCalculator, RewardResult
 from retrain.trainer.base import BaseTrainer
 from retrain.trainer.cadence import align_checkpoint_cadence
-from retrain.trainer.context import check_prompts_fit, context_length
+from retrain.trainer.context import check_datamodule_prompts, context_length
 from retrain.trainer.experience import Experience, completion_logps, pack_trajectories
 from retrain.trainer.host_memory import tune_malloc_for_reuse
 from retrain.trainer.losses import LossStats, masked_mean
+from retrain.trainer.rng_state import random_states, restore_random_states
+from retrain.trainer.reporting import episode_metrics, logged_step, policy_summary
 from retrain.trainer.metrics import MajAtK, PassAtK
 from retrain.trainer.rollout import RolloutEngine
 from retrain.trainer.sampler import Backend, BatchingSampler
@@ -224,6 +225,7 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
     # ------------------------------------------------------------------ model and optimizer
     def prepare_data(self) -> None:
         """Once per node, before any rank loads: build the tiny local model if it is configured and missing."""
+        self._start_environment()
         built = ensure_tiny_model(self.policy_config)
         if built:
             rank_zero_info(built)
@@ -302,6 +304,18 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
                 rank_zero_info(message)
         datamodule = getattr(self._trainer, "datamodule", None)
         batch_size = getattr(datamodule, "batch_size", None)
+        self._check_batch_split(batch_size)
+        self._start_environment()  # every rank (prepare_data ran on one per node), before configure_model
+
+    def _start_environment(self) -> None:
+        """Set up the environment before the policy is built or loaded: a tool server that cannot start
+        fails the run in seconds, not after minutes of loading."""
+        try:
+            self.rollouts.start()
+        except TrainingFault as err:
+            raise ConfigError(f"model.init_args.environment could not be set up, so training did not start: {err}") from err
+
+    def _check_batch_split(self, batch_size: Optional[int]) -> None:
         if batch_size is not None and (batch_size * self.hparams.num_generations) % self.hparams.steps_per_generation:
             raise ConfigError(
                 f"data.batch_size={batch_size} x num_generations={self.hparams.num_generations} rollouts cannot be split "
@@ -474,23 +488,12 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
         self.check_prompt_lengths(("test",))
 
     def check_prompt_lengths(self, splits: Sequence[str]) -> None:
-        """Every prompt of this rank's finite `splits` fits in the context with its completion budget
-        (`retrain.trainer.context`), checked before any rollout."""
+        """Every prompt of this rank's finite `splits` fits in the context with its completion budget,
+        checked before any rollout (`retrain.trainer.context`)."""
         limit = context_length(self.policy, self.tokenizer)
         datamodule = getattr(self._trainer, "datamodule", None)
-        sources = getattr(datamodule, "sources", {})
-        if limit is None or datamodule is None:
-            return
-        sampler = self.make_sampler()
-        for split in splits:
-            if split not in sources:
-                continue
-            shard = datamodule.shard(split)
-            if not hasattr(shard, "__len__"):  # endless: checked as its prompts arrive (the sampler)
-                continue
-            where = f"{sources[split].where} ({split} split)"
-            records = ((shard.indices[i], shard[i]) for i in range(len(shard)))  # numbered as in the source
-            check_prompts_fit(records, sampler.encode, limit, self.hparams.max_completion_length, where)
+        if limit is not None and datamodule is not None:
+            check_datamodule_prompts(datamodule, splits, self.make_sampler().encode, limit, self.hparams.max_completion_length)
 
     def on_fit_end(self) -> None:
         self.rollouts.close()
@@ -498,30 +501,13 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
     # ------------------------------------------------------------------ exact resume
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store every rank's random state: sampling continues exactly where the checkpoint was taken."""
-        checkpoint["retrain_rng"] = [
-            gathered.cpu() for gathered in self._gather_states(torch.get_rng_state())
-        ]
-        if self.device.type == "cuda":  # sampling on a GPU draws from the device's generator
-            checkpoint["retrain_cuda_rng"] = [
-                gathered.cpu() for gathered in self._gather_states(torch.cuda.get_rng_state(self.device))
-            ]
-        checkpoint["retrain_python_rng"] = random.getstate()
+        checkpoint.update(random_states(self._gather_states, self.device))
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        states = checkpoint.get("retrain_rng")
-        rank = self.global_rank if self._trainer is not None else 0
-        if states:
-            if rank < len(states):
-                torch.set_rng_state(states[rank].clone().to(torch.uint8))  # a fresh tensor: views of a gathered one crash
-            else:  # more ranks than when saved: a fresh, rank-specific stream
-                torch.manual_seed(int(states[0].sum()) + rank)  # (seeds every GPU too)
-        cuda_states = checkpoint.get("retrain_cuda_rng")
-        if cuda_states and rank < len(cuda_states) and torch.cuda.is_available():
-            torch.cuda.set_rng_state(cuda_states[rank].to(torch.uint8))  # the rank's device is current by now
-        if "retrain_python_rng" in checkpoint:
-            random.setstate(checkpoint["retrain_python_rng"])
+        restore_random_states(checkpoint, self.global_rank if self._trainer is not None else 0)
 
     def _gather_states(self, state: torch.Tensor) -> list[torch.Tensor]:
+        """`state` of every rank, in rank order (one rank: just this one)."""
         if self._trainer is None or self.trainer.world_size == 1:
             return [state]
         gathered = self.trainer.strategy.all_gather(state.to(self.device))  # [world, S]
@@ -567,7 +553,7 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
         values = {f"{stage}/reward": rewards.mean()}
         values.update({f"{stage}/rewards/{name}": torch.tensor(v).mean() for name, v in scored.components.items()})
         values.update({f"{stage}/verifiers/{name}": torch.tensor(v, dtype=torch.float32).mean() for name, v in scored.verifier_passed.items()})
-        values["step"] = _logged_step(self.global_step)  # a constant: its epoch mean is the step itself
+        values["step"] = logged_step(self.global_step)  # a constant: its epoch mean is the step itself
         self.log_dict(values, on_epoch=True, sync_dist=True, batch_size=n)
 
     def _log_generation(self, experience: Experience, update_metrics: dict[str, float]) -> None:
@@ -582,11 +568,11 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
             "train/frac_reward_zero_std": (experience.group_std.abs() < 1e-8).float().mean(),
             "train/learning_rate": torch.tensor(self._current_lr()),
         }
-        metrics.update(_episode_metrics(trajectories, scored))
+        metrics.update(episode_metrics(trajectories, scored))
         metrics.update({f"train/{k}": torch.tensor(v) for k, v in update_metrics.items()})
         metrics.update({f"train/rewards/{k}": torch.tensor(v).mean() for k, v in scored.components.items()})
         metrics.update({f"train/verifiers/{k}": torch.tensor(v, dtype=torch.float32).mean() for k, v in scored.verifier_passed.items()})
-        metrics["step"] = _logged_step(self.global_step)
+        metrics["step"] = logged_step(self.global_step)
         self.log_dict(metrics, on_step=True, batch_size=len(trajectories))
         self.log("reward", rewards.mean(), prog_bar=True, on_step=True, logger=False, batch_size=len(trajectories))
         self._last_trajectories = trajectories
@@ -599,47 +585,3 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
         if self._trainer is None or not self.trainer.optimizers:
             return self.hparams.learning_rate
         return self.trainer.optimizers[0].param_groups[0]["lr"]
-
-
-def policy_summary(module: "RLTrainer") -> str:
-    """One line on what trains: the algorithm, the policy's class, size, dtype and where it runs
-    (instead of Lightning's module table, which lists internal modules and FLOPs it cannot count)."""
-    params = list(module.policy.parameters())
-    total = sum(p.numel() for p in params)
-    trainable = sum(p.numel() for p in params if p.requires_grad)
-    reference = ", a frozen reference copy" if module.ref_policy is not None else ""
-    where = f"{module.device.type} x {module.trainer.world_size}" if module._trainer is not None else module.device.type
-    return (
-        f"retrain: {type(module).__name__} training {type(module.policy).__name__} ({get_human_readable_count(total)} "
-        f"parameters, {get_human_readable_count(trainable)} trainable, {str(params[0].dtype).removeprefix('torch.') if params else '?'}{reference}) on {where}"
-    )
-
-
-def _logged_step(global_step: int) -> torch.Tensor:
-    """The x-axis of every logged row: the optimizer updates done (a "step" metric is Lightning's way to
-    set it). Lightning's default, its count of batches, counts generations rather than updates (off by
-    `num_iterations x steps_per_generation`), and after a resume from a checkpoint taken mid-batch (on an
-    exception or Ctrl-C) it is one ahead of the uninterrupted run's; the update count is in every
-    checkpoint, so row K is the state of checkpoint `step=K` in any run."""
-    return torch.tensor(float(global_step))
-
-
-def _episode_metrics(trajectories: Sequence[Trajectory], scored: RewardResult) -> dict[str, torch.Tensor]:
-    """Turns, step rewards, the policy-token share of the completions, environment and reward-fault counters."""
-    turns = scored.step_total or [t.step_rewards for t in trajectories]
-    steps = [r for episode in turns for r in episode]
-    tokens = sum(len(t.completion_ids) for t in trajectories)
-    metrics = {
-        "train/turns": torch.tensor(sum(map(len, turns)) / max(1, len(turns))),
-        "train/step_reward": torch.tensor(sum(steps) / max(1, len(steps))),
-        "train/policy_token_fraction": torch.tensor(sum(t.num_policy_tokens for t in trajectories) / max(1, tokens)),
-    }
-    for label, count in scored.errors.items():
-        metrics[f"train/reward_errors/{label}"] = torch.tensor(float(count))
-    for label, values in scored.step_components.items():
-        flat = [v for episode in values for v in episode]
-        metrics[f"train/step_rewards/{label}"] = torch.tensor(sum(flat) / max(1, len(flat)))
-    names = sorted({name for t in trajectories for name in t.metrics})
-    for name in names:
-        metrics[f"train/env/{name}"] = torch.tensor(sum(t.metrics.get(name, 0.0) for t in trajectories) / len(trajectories))
-    return metrics

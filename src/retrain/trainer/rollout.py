@@ -28,6 +28,18 @@ class RolloutEngine:
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._ready = False
 
+    def start(self) -> None:
+        """Set the environment up (start its tool servers, ...) now; the trainer calls this before the
+        model loads, so a server that cannot start fails the run in seconds, not after the loading."""
+        if self._loop is None or self._loop.is_closed():
+            self._loop = asyncio.new_event_loop()
+        self._loop.run_until_complete(self._start())
+
+    async def _start(self) -> None:
+        if not self._ready:
+            await self.environment.setup()
+            self._ready = True
+
     def collect(
         self,
         records: Sequence[PromptRecord],
@@ -43,9 +55,7 @@ class RolloutEngine:
     async def _collect(
         self, records: Sequence[PromptRecord], num_generations: int, policy: PolicyClient, budget: Optional[int]
     ) -> tuple[list[Trajectory], RewardResult]:
-        if not self._ready:
-            await self.environment.setup()
-            self._ready = True
+        await self._start()
         episodes = [record for record in records for _ in range(num_generations)]
         if hasattr(policy, "active_episodes"):
             policy.active_episodes = len(episodes)

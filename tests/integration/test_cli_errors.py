@@ -125,3 +125,43 @@ def test_a_tool_server_that_cannot_start_fails_before_the_model_loads(tmp_path):
     assert "model.init_args.environment could not be set up, so training did not start" in report
     assert "refuse-4712" in report  # the server's own last words
     assert not (tmp_path / "model").exists(), "the model was built before the server was started"
+
+
+CRASHING_ENVIRONMENT = '''
+import os, sys
+from retrain.environment import SingleTurnEnvironment
+from retrain.environment.mcp import MCPToolProvider
+
+
+class CrashingServerEnvironment(SingleTurnEnvironment):
+    """Each step calls a real MCP server's `crash` tool once the refuse file exists: the server dies,
+    its restart is refused, and the provider gives up (MCPServerError) in the middle of training."""
+
+    def __init__(self, server: str, refuse: str) -> None:
+        super().__init__()
+        self.server, self.refuse = server, refuse
+
+    async def setup(self) -> None:
+        self.provider = MCPToolProvider(command=sys.executable, args=[self.server, "--refuse-start-if", self.refuse], startup_timeout=20)
+        await self.provider.start()
+
+    async def close(self) -> None:
+        await self.provider.close()
+
+    async def step(self, action):
+        open(self.refuse, "w").close()
+        await self.provider.call("crash", {})
+        return await super().step(action)
+'''
+
+
+def test_a_tool_server_that_cannot_be_restarted_stops_training_with_its_message_last(tmp_path):
+    (tmp_path / "crashing.py").write_text(CRASHING_ENVIRONMENT)
+    server = Path(__file__).resolve().parents[1] / "environment" / "servers" / "mcp_test_server.py"
+    environment = {"class_path": "crashing.CrashingServerEnvironment", "init_args": {"server": str(server), "refuse": str(tmp_path / "refuse")}}
+    result = run_retrain(tmp_path, "fit", "--config", str(quick_config(tmp_path)), "--model.init_args.environment", yaml.safe_dump(environment))
+    report = _fails_cleanly(result, code=1)
+    assert report[0].startswith("retrain fit: training stopped")
+    text = "\n".join(report)
+    assert "restarting it failed too" in text and "boom-4711" in text and "refuse-4712" in text
+    assert "ExceptionGroup" not in result.stderr

@@ -76,8 +76,9 @@ class RewardCurve(pl.Callback):
 
     @rank_zero_only
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        # Ctrl-C or a fault that stops training: the curve so far is still worth having.
-        self._write(stopped_by=exception)
+        # Ctrl-C or a fault that stops training: the curve so far is still worth having (if any).
+        if self.values:
+            self._write(stopped_by=exception)
 
     def _write(self, stopped_by: Optional[BaseException] = None) -> None:
         summary = {"metric": self.metric, **curve_summary(self.steps, self.values, self.window_fraction)}

@@ -5,7 +5,7 @@
     python benchmarks/generation.py --device cuda --dtype bfloat16 --model-size medium --rows 64   # on a GPU
 
 The same `BatchingSampler` the trainer uses serves one batch of `--rows` identical prompts with
-`backend="auto"` (retrain's KV-cached decoder, `retrain.trainer.decoding`) and with
+`backend="auto"` (retrain's KV-cached decoder, `retrain.rollout.decoding`) and with
 `backend="transformers"` (`generate`), each forced to exactly `--tokens` new tokens, alternating,
 `--repeats` timed calls each after a warm-up call; once with the plain model and once with a LoRA
 adapter (r 16, every linear layer, random B so that it changes the model; PEFT, installed with
@@ -36,7 +36,7 @@ BACKENDS = ("auto", "transformers")
 def time_backends(model: Any, tokenizer: Any, rows: int, tokens: int, repeats: int) -> dict[str, Any]:
     import torch
 
-    from retrain.trainer.sampler import BatchingSampler
+    from retrain.rollout.sampler import BatchingSampler
 
     contexts = [tokenizer(prompt_records(1)[0]["prompt"])["input_ids"]] * rows
     samplers = {b: BatchingSampler(model, tokenizer, max_new_tokens=tokens, min_new_tokens=tokens, backend=b) for b in BACKENDS}

@@ -37,7 +37,7 @@ step() { echo; echo "=== $1 ($(date +%T))"; }
 
   if want decoder; then
     step "decoder tests on CUDA"
-    RETRAIN_TEST_DEVICE=cuda timeout 180 python3 -m pytest -q -p no:cacheprovider tests/trainer/test_decoding.py
+    RETRAIN_TEST_DEVICE=cuda timeout 180 python3 -m pytest -q -p no:cacheprovider tests/rollout/test_decoding.py
     results+=("decoder tests: exit $?")
   fi
 

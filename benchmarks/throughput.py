@@ -138,7 +138,7 @@ def run_retrain(spec: Spec) -> dict[str, Any]:
     import torch
 
     from retrain import GRPOTrainer, PolicyConfig, PromptDataModule, RewardCalculator, RewardSpec
-    from retrain.trainer.sampler import BatchingSampler
+    from retrain.rollout.sampler import BatchingSampler
 
     phases: dict[str, list[float]] = {name: [] for name in PHASES}  # seconds per step, one entry per step
 

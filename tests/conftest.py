@@ -17,7 +17,7 @@ import pytest
 @pytest.fixture(scope="session")
 def device():
     """Where device-agnostic numerical tests run: the CPU, or `RETRAIN_TEST_DEVICE` (e.g. "cuda" on a
-    GPU machine: `RETRAIN_TEST_DEVICE=cuda pytest tests/trainer/test_decoding.py`)."""
+    GPU machine: `RETRAIN_TEST_DEVICE=cuda pytest tests/rollout/test_decoding.py`)."""
     import torch
 
     return torch.device(os.environ.get("RETRAIN_TEST_DEVICE", "cpu"))

@@ -27,6 +27,7 @@ LEAF_DEPENDENCIES = {
     "reward": {"core"},
     "data": {"core"},
     "tasks": {"core", "reward"},
+    "rollout": {"core", "environment", "reward", "models"},
 }
 
 

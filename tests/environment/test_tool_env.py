@@ -11,9 +11,9 @@ from transformers import AutoTokenizer
 from retrain.core.records import PromptRecord
 from retrain.environment.tool_env import ToolEnvironment
 from retrain.environment.tools import FunctionToolProvider
-from retrain.trainer.rollout import RolloutEngine
+from retrain.rollout.engine import RolloutEngine
 from retrain.reward.calculator import RewardCalculator, RewardSpec
-from retrain.trainer.sampler import BatchingSampler
+from retrain.rollout.sampler import BatchingSampler
 
 
 def add(a: int, b: int) -> int:

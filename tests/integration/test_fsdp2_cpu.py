@@ -34,8 +34,8 @@ from retrain.core.records import PromptRecord
 from retrain.models.loading import LoraSettings, PolicyConfig, load_policy, load_tokenizer
 from retrain.reward.calculator import RewardCalculator, RewardSpec
 from retrain.trainer.grpo import GRPOTrainer
-from retrain.trainer.sampler import BatchingSampler
-from retrain.trainer.sharding import LockstepGeneration, generation_context, generation_state, shard_model
+from retrain.rollout.sampler import BatchingSampler
+from retrain.rollout.sharding import LockstepGeneration, generation_context, generation_state, shard_model
 
 HERE = Path(__file__).resolve().parent
 TIMEOUT = 150  # seconds for one group of processes; each takes 7-30 s on 2 CPU cores

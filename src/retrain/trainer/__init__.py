@@ -7,8 +7,8 @@ from retrain.trainer.grpo import GRPOTrainer
 from retrain.trainer.module import ConfigError, LossInputs, RLTrainer
 from retrain.trainer.rloo import RLOOTrainer
 from retrain.trainer.losses import LOSS_TYPES, LossStats, high_entropy_mask, kl_k3, masked_mean, policy_loss, rloo_loss
-from retrain.trainer.rollout import RolloutEngine
-from retrain.trainer.sampler import BatchingSampler
+from retrain.rollout.engine import RolloutEngine
+from retrain.rollout.sampler import BatchingSampler
 
 __all__ = [
     "LOSS_TYPES",

@@ -33,16 +33,16 @@ from retrain.models.loading import PolicyConfig, ensure_tiny_model, is_adapter_m
 from retrain.reward.calculator import RewardCalculator, RewardResult
 from retrain.trainer.base import BaseTrainer
 from retrain.trainer.cadence import align_checkpoint_cadence
-from retrain.trainer.context import check_datamodule_prompts, context_length
+from retrain.rollout.context import check_datamodule_prompts, context_length
 from retrain.trainer.experience import Experience, completion_logps, pack_trajectories
 from retrain.trainer.host_memory import tune_malloc_for_reuse
 from retrain.trainer.losses import LossStats, masked_mean
 from retrain.trainer.rng_state import random_states, restore_random_states
 from retrain.trainer.reporting import episode_metrics, logged_step, policy_summary
 from retrain.trainer.metrics import MajAtK, PassAtK
-from retrain.trainer.rollout import RolloutEngine
-from retrain.trainer.sampler import Backend, BatchingSampler
-from retrain.trainer.sharding import generation_context, shard_model
+from retrain.rollout.engine import RolloutEngine
+from retrain.rollout.sampler import Backend, BatchingSampler
+from retrain.rollout.sharding import generation_context, shard_model
 
 SchedulerType = Literal["constant", "constant_with_warmup", "linear", "cosine"]
 
@@ -239,7 +239,7 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
         self.policy = load_policy(self.policy_config).train()  # from_pretrained returns eval mode
         if self.hparams.beta > 0 and not is_adapter_model(self.policy):
             self.ref_policy = copy.deepcopy(self.policy).requires_grad_(False).eval()
-        if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 (retrain.trainer.sharding)
+        if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 (retrain.rollout.sharding)
             for model in (self.policy, self.ref_policy):
                 if model is not None:
                     shard_model(model, self.device_mesh, generation=self.policy_config.sharded_generation)
@@ -489,7 +489,7 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
 
     def check_prompt_lengths(self, splits: Sequence[str]) -> None:
         """Every prompt of this rank's finite `splits` fits in the context with its completion budget,
-        checked before any rollout (`retrain.trainer.context`)."""
+        checked before any rollout (`retrain.rollout.context`)."""
         limit = context_length(self.policy, self.tokenizer)
         datamodule = getattr(self._trainer, "datamodule", None)
         if limit is not None and datamodule is not None:

@@ -7,8 +7,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from retrain.core.records import PromptRecord
 from retrain.environment.single_turn import SingleTurnEnvironment
 from retrain.reward.calculator import RewardCalculator, RewardSpec
-from retrain.trainer.rollout import RolloutEngine
-from retrain.trainer.sampler import BatchingSampler
+from retrain.rollout.engine import RolloutEngine
+from retrain.rollout.sampler import BatchingSampler
 
 
 def _sampler(model_dir, **kwargs):

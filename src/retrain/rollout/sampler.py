@@ -6,14 +6,14 @@ turns, e.g. while some episodes wait on a slow tool), then one left-padded, KV-c
 `generate` call serves them all. So G x B single-turn episodes cost one call, and T-turn episodes
 cost T calls, never one per episode.
 
-Under FSDP2 (a policy sharded by `retrain.trainer.sharding.shard_model`), each call follows the
+Under FSDP2 (a policy sharded by `retrain.rollout.sharding.shard_model`), each call follows the
 policy's sharded-generation mode: inside the trainer's `generation_context` the parameters are
 either gathered for the whole rollout phase (no collectives while decoding) or each call joins a
 lockstep round and decodes with `synced_gpus`. Used on its own, the sampler wraps each call in that
 context itself, which is correct when every rank makes the same number of calls.
 
 Backends. `backend="auto"` decodes Llama-family policies (Llama, Qwen2, Qwen3, Mistral; with or
-without LoRA adapters) with retrain's own KV-cached decoder (`retrain.trainer.decoding`: same
+without LoRA adapters) with retrain's own KV-cached decoder (`retrain.rollout.decoding`: same
 weights, same sampling rules, far less per-token overhead) and everything else -- other
 architectures, DoRA, sharded policies -- with `transformers`' `generate`; `backend="transformers"`
 always uses `generate`.
@@ -32,9 +32,9 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 
 from retrain.core.records import Message
 from retrain.core.episode import Generation
-from retrain.trainer import decoding
-from retrain.trainer.context import ContextOverflowError, context_length, no_room_message
-from retrain.trainer.sharding import LockstepGeneration, generate_kwargs, generation_context, generation_state
+from retrain.rollout import decoding
+from retrain.rollout.context import ContextOverflowError, context_length, no_room_message
+from retrain.rollout.sharding import LockstepGeneration, generate_kwargs, generation_context, generation_state
 
 _IDLE_TURNS = 4  # event-loop turns without a new request before a partial batch is served
 Backend = Literal["auto", "transformers"]
@@ -143,7 +143,7 @@ class BatchingSampler:
 
     async def generate(self, context_ids: Sequence[int], max_new_tokens: Optional[int] = None) -> Generation:
         budget = self.max_new_tokens if max_new_tokens is None else min(max_new_tokens, self.max_new_tokens)
-        if self.context_limit is not None:  # generation ends where the context does (retrain.trainer.context)
+        if self.context_limit is not None:  # generation ends where the context does (retrain.rollout.context)
             room = self.context_limit - len(context_ids)
             if room < 1:
                 head = self.tokenizer.decode(list(context_ids[:60]), skip_special_tokens=True)
@@ -224,7 +224,7 @@ class BatchingSampler:
 
     @property
     def uses_own_decoder(self) -> bool:
-        """Whether calls outside a sharded rollout use `retrain.trainer.decoding` (see `backend`)."""
+        """Whether calls outside a sharded rollout use `retrain.rollout.decoding` (see `backend`)."""
         if self._own_decoder is None:
             self._own_decoder = self.backend == "auto" and decoding.supports(self.model)
         return self._own_decoder

@@ -16,7 +16,7 @@ from retrain.data.sources.procedural import ProceduralSource
 from retrain.models.loading import PolicyConfig
 from retrain.models.tiny import TinyModelConfig, build_char_tokenizer, build_tiny_model
 from retrain.reward.calculator import RewardCalculator, RewardSpec
-from retrain.trainer.context import ContextOverflowError, check_prompts_fit, context_length
+from retrain.rollout.context import ContextOverflowError, check_prompts_fit, context_length
 from retrain.trainer.grpo import GRPOTrainer
 
 CONTEXT = 24

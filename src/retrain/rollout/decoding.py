@@ -31,7 +31,7 @@ the packed weights on CPU, applied as two thin products on accelerators. `suppor
 whether a model can use the decoder; anything else (other architectures, DoRA and other LoRA
 variants, adapted embeddings, quantized or sharded layers, dynamically rescaled RoPE) uses
 `generate`.
-`tests/trainer/test_decoding.py` checks the logits against the model's own forward pass.
+`tests/rollout/test_decoding.py` checks the logits against the model's own forward pass.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""retrain's own decoder (`retrain.trainer.decoding`) against the model's own forward pass and
+"""retrain's own decoder (`retrain.rollout.decoding`) against the model's own forward pass and
 `transformers`' sampling rules, on small randomly initialised models of each supported family."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-from retrain.trainer.decoding import KVDecoder, sample, supports, unsupported_reason
-from retrain.trainer.sampler import BatchingSampler
+from retrain.rollout.decoding import KVDecoder, sample, supports, unsupported_reason
+from retrain.rollout.sampler import BatchingSampler
 
 FAMILIES = ["llama-gqa-bias", "qwen2", "qwen3", "mistral"]
 

@@ -150,8 +150,8 @@ def run_retrain(spec: Spec) -> dict[str, Any]:
             phases[name][-1] += time.perf_counter() - started
 
     class TimedSampler(BatchingSampler):
-        def _generate_batch(self, contexts, max_new_tokens):  # type: ignore[no-untyped-def]
-            return timed("generation", super()._generate_batch, contexts, max_new_tokens)
+        def _sample_batch(self, contexts, max_new_tokens):  # type: ignore[no-untyped-def]
+            return timed("generation", super()._sample_batch, contexts, max_new_tokens)
 
     class EqualWorkGRPO(GRPOTrainer):
         """GRPOTrainer whose sampler cannot stop before `max_completion_length` tokens, timing its phases."""

@@ -89,3 +89,17 @@ def test_generation_smoke(tmp_path: Path) -> None:
         assert row["own_decoder_used"]  # the LoRA policy too
         assert all(math.isfinite(s) and s > 0 for s in row["seconds_per_call"].values())
     assert record["results"]["plain"]["same_tokens"]  # same weights, same rules, same seed
+
+
+def test_mismatch_smoke(tmp_path: Path) -> None:
+    command = [
+        sys.executable, str(REPO / "benchmarks" / "mismatch.py"), "--rows", "3", "--tokens", "6", "--model-size", "tiny",
+        "--out-dir", str(tmp_path),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    record = json.loads((tmp_path / "mismatch.json").read_text())
+    float32 = record["results"]["auto/float32"]
+    assert float32["own_decoder_used"] and abs(float32["kl"]) < 1e-6  # the decoder samples the trainer's distribution
+    assert all(math.isfinite(m["kl"]) for m in record["results"].values())
+    assert "| retrain decoder | bfloat16 |" in (tmp_path / "mismatch.md").read_text()

@@ -68,7 +68,7 @@ class ScriptedSampler(BatchingSampler):
         self.script = script
         self.batch_sizes = []
 
-    def _generate_batch(self, contexts, max_new_tokens):
+    def _sample_batch(self, contexts, max_new_tokens):
         self.generate_calls += 1
         self.batch_sizes.append(len(contexts))
         replies = []
@@ -76,7 +76,7 @@ class ScriptedSampler(BatchingSampler):
             turn = self.tokenizer.decode(context).count("tool: ")
             text = self.script[min(turn, len(self.script) - 1)]
             replies.append(self.tokenizer(text, add_special_tokens=False)["input_ids"][:max_new_tokens] + [self.tokenizer.eos_token_id])
-        return replies
+        return replies, []  # a script has no sampler log-probs
 
 
 @pytest.fixture

@@ -38,10 +38,11 @@ def test_generation_is_cut_after_the_first_eos_and_flags_truncation(tiny_model_d
     sampler = _sampler(tiny_model_dir)
     eos = sampler.tokenizer.eos_token_id
     a, b = sampler.tokenizer.convert_tokens_to_ids(["a", "b"])
-    finished = sampler._to_generation([a, b, eos, a, a], budget=5)
+    finished = sampler._to_generation([a, b, eos, a, a], [-0.1, -0.2, -0.3, -0.4, -0.5])
     assert finished.token_ids == [a, b, eos] and finished.text == "ab" and not finished.truncated
-    cut = sampler._to_generation([a, b, a], budget=3)
-    assert cut.token_ids == [a, b, a] and cut.truncated
+    assert finished.logprobs == [-0.1, -0.2, -0.3]  # cut with the tokens
+    cut = sampler._to_generation([a, b, a], [])
+    assert cut.token_ids == [a, b, a] and cut.truncated and cut.logprobs == []
 
 
 def test_per_request_budgets_are_respected_in_one_batch(tiny_model_dir):

@@ -612,3 +612,91 @@ def test_high_entropy_mask_matches_trl(grpo_trainer, dtype, top_quantile, seed):
 def test_high_entropy_mask_of_an_empty_mask_matches_trl(grpo_trainer):
     entropy, mask = torch.rand(2, 3), torch.zeros(2, 3)
     assert torch.equal(high_entropy_mask(entropy, mask, 0.2), grpo_trainer.get_high_entropy_mask(entropy, mask, 0.8))
+
+
+# --------------------------------------------------------------------------------------------------------
+# The sampler correction and the off-policy mask (TRL's vLLM importance sampling, for any sampler)
+# --------------------------------------------------------------------------------------------------------
+# TRL computes its importance weights inline in `_generate_and_score_completions`, which needs a vLLM
+# engine; what TRL's code does with them is driven here: `_compute_loss` multiplies its per-token loss by
+# `inputs["importance_sampling_ratio"]` when `use_vllm` and `vllm_importance_sampling_correction` are set,
+# and `get_off_policy_mask` (a static method) is called as is. The weights themselves are checked by hand
+# in tests/trainer/test_off_policy.py.
+
+from retrain.trainer.off_policy import off_policy_sequence_mask, sampler_correction_weights  # noqa: E402
+
+CORRECTION_MODES = ["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"]
+
+
+def _sampler_logps(b: Batch) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(1)
+    return b.old_logps + 0.4 * torch.randn(b.old_logps.shape, generator=gen, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("mode", CORRECTION_MODES)
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "cispo"])
+def test_sampler_corrected_loss_matches_trl(grpo_trainer, grpo_batch, monkeypatch, mode, loss_type):
+    case = LossCase(loss_type, "token", 0.04, True)
+    _configure_grpo(monkeypatch, grpo_trainer, case)
+    monkeypatch.setattr(grpo_trainer, "use_vllm", True)
+    monkeypatch.setattr(grpo_trainer, "vllm_importance_sampling_correction", True)
+    mask = grpo_batch.completion_mask.double()
+    # A range that keeps some and corrects (clamps or drops) others: per token, and per sequence.
+    low, high = (0.5, 1.5) if mode.startswith("token") else (0.3, 2.0)
+    weights = sampler_correction_weights(grpo_batch.old_logps, _sampler_logps(grpo_batch), mask, mode, low, high)
+    inside = (weights > low) & (weights < high)
+    assert bool(inside.any()) and not bool(inside.all()), weights  # the range bites, and not everywhere
+    inputs = {
+        "prompt_ids": grpo_batch.prompt_ids, "prompt_mask": grpo_batch.prompt_mask,
+        "completion_ids": grpo_batch.completion_ids, "completion_mask": grpo_batch.completion_mask,
+        "advantages": grpo_batch.advantages, "num_items_in_batch": grpo_batch.num_items_in_batch,
+        "old_per_token_logps": grpo_batch.old_logps, "ref_per_token_logps": grpo_batch.ref_logps,
+        "importance_sampling_ratio": weights,
+    }
+    with torch.no_grad():
+        theirs = grpo_trainer._compute_loss(grpo_trainer.model, inputs)
+        logps, _ = completion_logps(grpo_trainer.model, grpo_batch.input_ids, grpo_batch.attention_mask, grpo_batch.width, temperature=TEMPERATURE)
+        ours, _ = policy_loss(
+            logps, grpo_batch.advantages, grpo_batch.completion_mask, old_logps=grpo_batch.old_logps, ref_logps=grpo_batch.ref_logps,
+            beta=case.beta, epsilon=EPSILON, epsilon_high=case.epsilon_high, loss_type=loss_type,
+            max_completion_length=grpo_trainer.max_completion_length, num_items_in_batch=grpo_batch.num_items_in_batch,
+            token_weights=weights,
+        )
+        uncorrected, _ = policy_loss(
+            logps, grpo_batch.advantages, grpo_batch.completion_mask, old_logps=grpo_batch.old_logps, ref_logps=grpo_batch.ref_logps,
+            beta=case.beta, epsilon=EPSILON, epsilon_high=case.epsilon_high, loss_type=loss_type,
+            max_completion_length=grpo_trainer.max_completion_length, num_items_in_batch=grpo_batch.num_items_in_batch,
+        )
+    assert abs(theirs.item() - ours.item()) <= LOSS_ATOL, f"TRL {theirs.item():.10f} vs retrain {ours.item():.10f}"
+    assert abs(ours.item() - uncorrected.item()) > 1e-4  # the correction changed something
+
+
+def test_off_policy_mask_matches_trl(grpo_trainer, grpo_batch, monkeypatch):
+    mask = grpo_batch.completion_mask.double()
+    sampled = _sampler_logps(grpo_batch)
+    with torch.no_grad():
+        logps, _ = completion_logps(grpo_trainer.model, grpo_batch.input_ids, grpo_batch.attention_mask, grpo_batch.width, temperature=TEMPERATURE)
+    advantages = grpo_batch.advantages.unsqueeze(1)
+    for threshold in (0.0, 0.05, 0.5):
+        theirs = trl.GRPOTrainer.get_off_policy_mask(advantages, logps, sampled, mask, threshold)
+        ours = off_policy_sequence_mask(grpo_batch.advantages, logps, sampled, mask, threshold)
+        assert torch.equal(theirs, ours), threshold
+    # And through the loss: TRL masks with `sampling_per_token_logps` when given.
+    case = LossCase("dapo", "token", 0.0, True)
+    _configure_grpo(monkeypatch, grpo_trainer, case)
+    monkeypatch.setattr(grpo_trainer, "off_policy_mask_threshold", 0.05)
+    inputs = {
+        "prompt_ids": grpo_batch.prompt_ids, "prompt_mask": grpo_batch.prompt_mask,
+        "completion_ids": grpo_batch.completion_ids, "completion_mask": grpo_batch.completion_mask,
+        "advantages": grpo_batch.advantages, "num_items_in_batch": grpo_batch.num_items_in_batch,
+        "old_per_token_logps": grpo_batch.old_logps, "sampling_per_token_logps": sampled,
+    }
+    with torch.no_grad():
+        theirs = grpo_trainer._compute_loss(grpo_trainer.model, inputs)
+        keep = off_policy_sequence_mask(grpo_batch.advantages, logps, sampled, mask, 0.05)
+        assert 0 < float(keep.mean()) < 1  # some sequences dropped, some kept
+        ours, _ = policy_loss(
+            logps, grpo_batch.advantages, grpo_batch.completion_mask, old_logps=grpo_batch.old_logps, epsilon=EPSILON,
+            epsilon_high=case.epsilon_high, loss_type="dapo", num_items_in_batch=grpo_batch.num_items_in_batch, token_weights=keep,
+        )
+    assert abs(theirs.item() - ours.item()) <= LOSS_ATOL

@@ -73,6 +73,9 @@ class Generation:
     token_ids: list[int]
     text: str
     truncated: bool
+    logprobs: list[float] = field(default_factory=list)
+    """The sampler's log-prob of each token under the distribution it sampled from (after
+    temperature, top-k and top-p); empty when the backend gives none."""
 
 
 @runtime_checkable
@@ -119,6 +122,9 @@ class Trajectory:
     prompt_ids: list[int]
     completion_ids: list[int] = field(default_factory=list)
     completion_mask: list[int] = field(default_factory=list)
+    completion_logprobs: list[float] = field(default_factory=list)
+    """For each completion token, the sampler's log-prob (NaN for environment tokens and where the
+    backend gave none): what off-policy corrections and the mismatch metrics compare against."""
     completion_turns: list[int] = field(default_factory=list)
     """For each completion token, the index of the turn it belongs to (an observation belongs to
     the turn it answers)."""

@@ -13,6 +13,7 @@ batched `generate` call. Nothing here imports torch.
 from __future__ import annotations
 
 import copy
+import math
 from abc import ABC, abstractmethod
 from typing import Optional
 
@@ -96,6 +97,7 @@ class Environment(ABC):
             action = self.parse_action(generation)
             trajectory.completion_ids += action.token_ids
             trajectory.completion_mask += [1] * len(action.token_ids)
+            trajectory.completion_logprobs += _sampler_logprobs(generation, action)
             trajectory.completion_turns += [turn] * len(action.token_ids)
             observation = await self.step(action)
             trajectory.turns.append(Turn(action=action, observation=observation))
@@ -109,6 +111,15 @@ class Environment(ABC):
                 budget -= len(observation_ids)
             trajectory.completion_ids += observation_ids
             trajectory.completion_mask += [0] * len(observation_ids)
+            trajectory.completion_logprobs += [math.nan] * len(observation_ids)
             trajectory.completion_turns += [turn] * len(observation_ids)
         trajectory.metrics = self.episode_metrics()
         return trajectory
+
+
+def _sampler_logprobs(generation: Generation, action: LLMAction) -> list[float]:
+    """The generation's log-probs for the action's tokens; NaN (unknown) when the backend gave none
+    or a `parse_action` changed the tokens."""
+    if len(generation.logprobs) == len(action.token_ids) and list(generation.token_ids) == list(action.token_ids):
+        return list(generation.logprobs)
+    return [math.nan] * len(action.token_ids)

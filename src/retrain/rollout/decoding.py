@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -434,9 +434,15 @@ def sample(
     top_k: int = 0,
     top_p: float = 1.0,
     min_new_tokens: int = 0,
-) -> torch.Tensor:
+    with_logprobs: bool = False,
+) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """`[B, <= max_new_tokens]` sampled continuations of left-padded prompts (padding after a row's
-    end-of-sequence token; shorter than `max_new_tokens` when every row has ended)."""
+    end-of-sequence token; shorter than `max_new_tokens` when every row has ended).
+
+    With `with_logprobs`, also `[B, same]` float32 log-probs of each drawn token under the
+    distribution it was drawn from (the warped one): the sampler's side of the mismatch metrics and
+    off-policy corrections. They come from the probabilities already computed for the draw.
+    """
     # Inference mode, not just no_grad: each op then skips version counting and view tracking, which
     # is ~6% of a CPU generation here (a decoding step is ~150 small ops). Safe because decoding never
     # writes the model's own tensors; the result is cloned out of it, so callers get a normal tensor.
@@ -447,7 +453,7 @@ def sample(
         logits = decoder.prefill(input_ids, attention_mask)
         ended = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
         warpers = _warpers(temperature, top_k, top_p)
-        out = []
+        out, logprobs = [], []
         for step in range(max_new_tokens):
             logits = logits.float()
             if step < min_new_tokens and eos.numel():
@@ -456,6 +462,8 @@ def sample(
                 logits = warper(None, logits)
             probs = logits.softmax(-1)
             tokens = torch.multinomial(probs, 1).squeeze(1)
+            if with_logprobs:
+                logprobs.append(probs.gather(1, tokens[:, None]).squeeze(1).log())
             tokens = tokens.masked_fill(ended, pad_token_id)
             out.append(tokens)
             ended |= torch.isin(tokens, eos)
@@ -463,4 +471,6 @@ def sample(
                 break
             logits = decoder.decode(tokens)
         tokens = torch.stack(out, dim=1)
+        if with_logprobs:
+            return tokens.clone(), torch.stack(logprobs, dim=1).clone()
     return tokens.clone()

@@ -15,8 +15,10 @@ context itself, which is correct when every rank makes the same number of calls.
 Backends. `backend="auto"` decodes Llama-family policies (Llama, Qwen2, Qwen3, Mistral; with or
 without LoRA adapters) with retrain's own KV-cached decoder (`retrain.rollout.decoding`: same
 weights, same sampling rules, far less per-token overhead) and everything else -- other
-architectures, DoRA, sharded policies -- with `transformers`' `generate`; `backend="transformers"`
-always uses `generate`.
+architectures, DoRA, sharded policies -- with `transformers`' `generate`; `backend="retrain"`
+insists on the decoder (refusing, with the reason, a policy it does not support) and
+`backend="transformers"` always uses `generate`. Every backend returns, with each token, the
+sampler's log-prob of it under the distribution it was drawn from (after temperature, top-k, top-p).
 """
 
 from __future__ import annotations
@@ -32,12 +34,13 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 
 from retrain.core.records import Message
 from retrain.core.episode import Generation
+from retrain.core.errors import ConfigError
 from retrain.rollout import decoding
 from retrain.rollout.context import ContextOverflowError, context_length, no_room_message
 from retrain.rollout.sharding import LockstepGeneration, generate_kwargs, generation_context, generation_state
 
 _IDLE_TURNS = 4  # event-loop turns without a new request before a partial batch is served
-Backend = Literal["auto", "transformers"]
+Backend = Literal["auto", "retrain", "transformers"]
 
 
 def _neutral_generation_options() -> dict[str, Any]:
@@ -73,8 +76,8 @@ class BatchingSampler:
         min_new_tokens: int = 0,
         backend: Backend = "auto",
     ) -> None:
-        if backend not in ("auto", "transformers"):
-            raise ValueError(f"backend={backend!r}: use 'auto' or 'transformers'.")
+        if backend not in ("auto", "retrain", "transformers"):
+            raise ValueError(f"backend={backend!r}: use 'auto', 'retrain' or 'transformers'.")
         self.model = model
         self.backend = backend
         self._own_decoder: Optional[bool] = None  # decided on first use: the policy does not change class
@@ -164,14 +167,14 @@ class BatchingSampler:
         pending, self._pending, self._flush_task = self._pending, [], None
         for batch in self._within_context(pending):
             try:
-                results = self._generate_batch([context for context, _, _ in batch], max(b for _, b, _ in batch))
+                tokens, logprobs = self._sample_batch([context for context, _, _ in batch], max(b for _, b, _ in batch))
             except BaseException as err:  # hand the failure to every waiting episode
                 for _, _, future in pending:
                     if not future.done():
                         future.set_exception(err)
                 return
-            for (_, budget, future), tokens in zip(batch, results):
-                future.set_result(self._to_generation(tokens[:budget], budget))
+            for i, (_, budget, future) in enumerate(batch):
+                future.set_result(self._to_generation(tokens[i][:budget], logprobs[i][:budget] if logprobs else []))
 
     def _within_context(self, pending: list[tuple[list[int], int, asyncio.Future]]) -> list[list[tuple[list[int], int, asyncio.Future]]]:
         """The requests as batches whose padded width plus their longest budget fits the context: one
@@ -187,6 +190,13 @@ class BatchingSampler:
 
     @torch.no_grad()
     def _generate_batch(self, contexts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        """The sampled tokens of one batch (`_sample_batch` without the log-probs)."""
+        return self._sample_batch(contexts, max_new_tokens)[0]
+
+    @torch.no_grad()
+    def _sample_batch(self, contexts: list[list[int]], max_new_tokens: int) -> tuple[list[list[int]], list[list[float]]]:
+        """One batched call of the backend: per context, the sampled tokens and the sampler's log-prob
+        of each (under the warped distribution it drew from)."""
         self.generate_calls += 1
         batch = self.tokenizer.pad({"input_ids": contexts}, padding=True, return_tensors="pt")
         device = next(self.model.parameters()).device
@@ -200,7 +210,8 @@ class BatchingSampler:
         state = generation_state(self.model)
         if state is None and self.uses_own_decoder:
             try:
-                return self._sample_own(input_ids, attention_mask, config).tolist()
+                tokens, logprobs = self._sample_own(input_ids, attention_mask, config)
+                return tokens.tolist(), logprobs.tolist()
             finally:
                 self.model.train(was_training)
         context = contextlib.nullcontext() if state is not None else generation_context(self.model)
@@ -209,12 +220,20 @@ class BatchingSampler:
                 state = generation_state(self.model)
                 if isinstance(state, LockstepGeneration):
                     state.round(True)
+                config.output_scores = config.return_dict_in_generate = True  # the scores give the sampler's log-probs
                 output = self.model.generate(
                     input_ids=input_ids, attention_mask=attention_mask, generation_config=config, **generate_kwargs(self.model)
                 )
         finally:
             self.model.train(was_training)
-        return output[:, input_ids.size(1) :].tolist()
+        tokens = output.sequences[:, input_ids.size(1) :]  # [B, T]
+        # `scores` are the processed (warped) logits each token was drawn from, one [B, V] per step
+        # (generate keeps them all: T x [B, V] more memory on this backend; custom logits processors
+        # run before generate's warpers, so they cannot see the drawn-from distribution instead).
+        logprobs = torch.stack(
+            [step.float().log_softmax(-1).gather(-1, tokens[:, t, None]).squeeze(-1) for t, step in enumerate(output.scores)], dim=1
+        )  # [B, T]
+        return tokens.tolist(), logprobs.tolist()
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -226,20 +245,35 @@ class BatchingSampler:
     def uses_own_decoder(self) -> bool:
         """Whether calls outside a sharded rollout use `retrain.rollout.decoding` (see `backend`)."""
         if self._own_decoder is None:
-            self._own_decoder = self.backend == "auto" and decoding.supports(self.model)
+            reason = None if self.backend == "transformers" else decoding.unsupported_reason(self.model)
+            if self.backend == "retrain" and reason is not None:
+                raise ConfigError(
+                    f"generation_backend=retrain: retrain's decoder cannot sample this policy ({reason}); "
+                    "use generation_backend: auto (falls back to transformers' generate) or transformers."
+                )
+            self._own_decoder = self.backend != "transformers" and reason is None
         return self._own_decoder
 
-    def _sample_own(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, config: GenerationConfig) -> torch.Tensor:
+    def describe_backend(self) -> str:
+        """Which backend samples, and why (the unsupported reason when `auto` falls back), for the run's log."""
+        if self.uses_own_decoder:
+            return "retrain's KV-cached decoder"
+        if self.backend == "transformers":
+            return "transformers' generate (generation_backend: transformers)"
+        return f"transformers' generate (retrain's decoder does not support this policy: {decoding.unsupported_reason(self.model)})"
+
+    def _sample_own(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, config: GenerationConfig) -> tuple[torch.Tensor, torch.Tensor]:
         return decoding.sample(
             self.model, input_ids, attention_mask, max_new_tokens=config.max_new_tokens,
             eos_token_ids=self.eos_token_ids, pad_token_id=config.pad_token_id,
             temperature=config.temperature, top_k=config.top_k or 0, top_p=config.top_p, min_new_tokens=config.min_new_tokens or 0,
+            with_logprobs=True,
         )
 
-    def _to_generation(self, tokens: list[int], budget: int) -> Generation:
+    def _to_generation(self, tokens: list[int], logprobs: list[float]) -> Generation:
         """Cut at the first end-of-sequence token (kept: the policy chose it) and decode."""
         eos_ids = set(self.eos_token_ids)
         end = next((i + 1 for i, t in enumerate(tokens) if t in eos_ids), None)
         kept = tokens if end is None else tokens[:end]
         text = self.tokenizer.decode(kept, skip_special_tokens=True)
-        return Generation(token_ids=kept, text=text, truncated=end is None)
+        return Generation(token_ids=kept, text=text, truncated=end is None, logprobs=list(logprobs[: len(kept)]))

@@ -35,6 +35,8 @@ class Experience:
     old_logps: Optional[torch.Tensor] = None  # [N, C], when a generation feeds several updates
     ref_logps: Optional[torch.Tensor] = None  # [N, C], when beta > 0
     completion_turns: Optional[torch.Tensor] = None  # [N, C] turn index of each completion token
+    sampler_logps: Optional[torch.Tensor] = None  # [N, C] the sampler's log-probs (0 off the policy's tokens), when it gave them
+    sampler_weights: Optional[torch.Tensor] = None  # [N, C] or [N, 1] the sampler correction's weights, when it is on
     trajectories: list[Trajectory] = field(default_factory=list)
     reward_result: Optional[RewardResult] = None
 
@@ -96,6 +98,22 @@ def pack_trajectories(
             if not (mask_truncated and t.truncated):
                 completion_mask[i, :c] = torch.tensor(t.completion_mask, dtype=torch.float32)
     return input_ids, attention_mask, completion_mask
+
+
+def pack_sampler_logps(trajectories: Sequence[Trajectory], completion_width: int) -> Optional[torch.Tensor]:
+    """`[N, C]` the sampler's log-prob of every policy token (0 elsewhere), or None when some policy
+    token has none (a backend or an environment that does not report them)."""
+    logps = torch.zeros((len(trajectories), completion_width), dtype=torch.float32)
+    for i, t in enumerate(trajectories):
+        if len(t.completion_logprobs) != len(t.completion_ids):
+            return None
+        if t.completion_ids:
+            row = torch.tensor(t.completion_logprobs, dtype=torch.float32)
+            policy = torch.tensor(t.completion_mask, dtype=torch.bool)
+            if bool(row[policy].isnan().any()):
+                return None
+            logps[i, : len(row)] = torch.where(policy, row, torch.zeros(()))
+    return logps
 
 
 def pack_turns(trajectories: Sequence[Trajectory], completion_width: int) -> torch.Tensor:

@@ -19,6 +19,7 @@ from retrain.trainer.advantages import ScaleRewards, discounted_turn_returns, gr
 from retrain.trainer.experience import Experience, pack_step_rewards, pack_turns
 from retrain.trainer.losses import LOSS_TYPES, ImportanceSamplingLevel, LossStats, LossType, high_entropy_mask, policy_loss
 from retrain.trainer.module import ConfigError, RLTrainer
+from retrain.trainer.off_policy import SamplerCorrection, off_policy_sequence_mask, sampler_correction_weights
 
 __all__ = ["ConfigError", "GRPOTrainer"]
 
@@ -44,6 +45,17 @@ class GRPOTrainer(RLTrainer):
             rewards, discounted by `gamma`, plus the rollout reward at the end), centred and scaled
             by the group's episode returns (see src/retrain/trainer/README.md).
         gamma: per-turn discount of `discounted_return`.
+        sampler_correction: reweight the loss by the importance ratio between the trainer and the
+            sampler (retrain's decoder, generate, an inference engine) on the sampled tokens: per
+            token or per sequence, truncated to or masked outside `[clip_min, clip_max]` (TRL's
+            `vllm_importance_sampling_correction` + `vllm_importance_sampling_mode`, for any
+            backend). None (default) applies none; the mismatch is logged either way
+            (`train/sampler/...`). Turning it on computes the trainer's log-probs at sampling time
+            (one extra forward pass per generation when rollouts are not reused anyway).
+        sampler_correction_clip_min: the lower bound (TRL's `vllm_importance_sampling_clip_min`).
+        sampler_correction_clip_max: the upper bound (TRL's `vllm_importance_sampling_clip_max`).
+        off_policy_mask_threshold: drop sequences with a negative advantage whose mean per-token KL
+            from the sampler exceeds this (DeepSeek-V3.2; TRL's option of the same name). None: off.
         **kwargs: the options shared by every algorithm (`RLTrainer`): num_generations,
             max_completion_length, temperature, beta, epsilon, num_iterations, learning_rate, ...
     """
@@ -61,6 +73,10 @@ class GRPOTrainer(RLTrainer):
         use_bias_correction_kl: bool = True,
         step_credit: Literal["rollout_only", "discounted_return"] = "rollout_only",
         gamma: float = 1.0,
+        sampler_correction: Optional[SamplerCorrection] = None,
+        sampler_correction_clip_min: Optional[float] = None,
+        sampler_correction_clip_max: Optional[float] = 3.0,
+        off_policy_mask_threshold: Optional[float] = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(policy, reward, **kwargs)
@@ -86,7 +102,37 @@ class GRPOTrainer(RLTrainer):
             problems.append(f"gamma={h.gamma}: must be in [0, 1].")
         if h.sapo_temperature_pos <= 0 or h.sapo_temperature_neg <= 0:
             problems.append("sapo_temperature_pos and sapo_temperature_neg must be > 0.")
+        modes = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+        if h.sampler_correction is not None and h.sampler_correction not in modes:
+            problems.append(f"sampler_correction={h.sampler_correction!r}: use one of {', '.join(modes)}, or null for none.")
+        low, high = h.sampler_correction_clip_min, h.sampler_correction_clip_max
+        if low is not None and high is not None and low > high:
+            problems.append(f"sampler_correction_clip_min={low} > sampler_correction_clip_max={high}: the range is empty.")
+        if str(h.sampler_correction).endswith("truncate") and low is None and high is None:
+            problems.append(f"sampler_correction={h.sampler_correction!r} truncates to [clip_min, clip_max], and both are null: set one.")
+        if h.off_policy_mask_threshold is not None and h.off_policy_mask_threshold < 0:
+            problems.append(f"off_policy_mask_threshold={h.off_policy_mask_threshold}: a KL threshold is >= 0 (null turns it off).")
         return problems
+
+    @property
+    def needs_generation_logps(self) -> bool:
+        # The correction weighs the trainer's log-probs at sampling time against the sampler's.
+        return super().needs_generation_logps or self.hparams.sampler_correction is not None
+
+    def gather_experience(self, records: Any) -> Experience:
+        experience = super().gather_experience(records)
+        h = self.hparams
+        if h.sampler_correction is not None:
+            if experience.sampler_logps is None:
+                raise ConfigError(
+                    "sampler_correction needs the sampler's log-probs, and this run's rollouts carry none (an environment "
+                    "whose parse_action changes the tokens, or a backend that does not report them); set sampler_correction: null."
+                )
+            experience.sampler_weights = sampler_correction_weights(
+                experience.old_logps, experience.sampler_logps, experience.completion_mask,
+                h.sampler_correction, h.sampler_correction_clip_min, h.sampler_correction_clip_max,
+            )
+        return experience
 
     def compute_advantages(self, rewards: torch.Tensor, experience: Experience) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.hparams
@@ -117,8 +163,13 @@ class GRPOTrainer(RLTrainer):
         entropy_mask = None
         if h.top_entropy_quantile < 1.0:
             entropy_mask = high_entropy_mask(entropy.detach(), mask, h.top_entropy_quantile)
+        weights = experience.sampler_weights
+        if h.off_policy_mask_threshold is not None:  # against what sampled the tokens, as TRL does
+            sampled = next(x for x in (experience.sampler_logps, experience.old_logps, logps.detach()) if x is not None)
+            keep = off_policy_sequence_mask(experience.advantages, logps, sampled, mask, h.off_policy_mask_threshold)
+            weights = keep if weights is None else weights * keep
         return policy_loss(
-            logps, experience.advantages, mask,
+            logps, experience.advantages, mask, token_weights=weights,
             old_logps=experience.old_logps, ref_logps=experience.ref_logps, beta=h.beta,
             epsilon=h.epsilon, epsilon_high=h.epsilon_high, loss_type=h.loss_type,
             importance_sampling_level=h.importance_sampling_level, entropy_mask=entropy_mask,

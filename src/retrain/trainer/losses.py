@@ -162,6 +162,7 @@ def policy_loss(
     use_bias_correction_kl: bool = True,
     max_completion_length: Optional[int] = None,
     num_items_in_batch: Optional[torch.Tensor] = None,
+    token_weights: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, LossStats]:
     """The GRPO-family loss (to minimise) and its statistics.
 
@@ -183,6 +184,9 @@ def policy_loss(
         max_completion_length: the constant of `dr_grpo` (default: `C`).
         num_items_in_batch: active tokens per process in the global batch, for `dapo` and `cispo`
             (default: the local token count).
+        token_weights: `[N, C]` or `[N, 1]` weights on the policy term (not the KL), without grad:
+            the sampler correction and the off-policy mask (`retrain.trainer.off_policy`), as TRL
+            applies its vLLM importance weights.
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {sorted(LOSS_TYPES)}, got {loss_type!r}")
@@ -199,6 +203,8 @@ def policy_loss(
     per_token = objective(ratio, advantages, logps, clip)  # [N, C]
     if entropy_mask is not None:
         per_token = per_token * entropy_mask
+    if token_weights is not None:
+        per_token = per_token * token_weights
     kl = None
     if beta > 0:
         per_token_kl = kl_k3(logps, ref_logps)

@@ -34,9 +34,10 @@ from retrain.reward.calculator import RewardCalculator, RewardResult
 from retrain.trainer.base import BaseTrainer
 from retrain.trainer.cadence import align_checkpoint_cadence
 from retrain.rollout.context import check_datamodule_prompts, context_length
-from retrain.trainer.experience import Experience, completion_logps, pack_trajectories
+from retrain.trainer.experience import Experience, completion_logps, pack_sampler_logps, pack_trajectories
 from retrain.trainer.host_memory import tune_malloc_for_reuse
 from retrain.trainer.losses import LossStats, masked_mean
+from retrain.trainer.off_policy import sampler_mismatch
 from retrain.trainer.rng_state import random_states, restore_random_states
 from retrain.trainer.reporting import episode_metrics, logged_step, policy_summary
 from retrain.trainer.metrics import MajAtK, PassAtK
@@ -115,8 +116,9 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
             memory (None = all at once). The result does not depend on it.
         generation_backend: "auto" samples Llama-family policies (Llama, Qwen2, Qwen3, Mistral;
             LoRA included) with retrain's own KV-cached decoder (same weights and sampling rules, far less
-            per-token overhead) and any other policy with `transformers`' `generate`;
-            "transformers" always uses `generate`.
+            per-token overhead) and any other policy with `transformers`' `generate` (the run's first
+            lines say which, and why); "retrain" insists on the decoder (a policy it cannot sample is
+            refused before the first rollout); "transformers" always uses `generate`.
     """
 
     def __init__(
@@ -352,6 +354,7 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
             input_ids=input_ids, attention_mask=attention_mask, completion_mask=completion_mask,
             rewards=torch.tensor(scored.total, dtype=torch.float32),
             advantages=torch.zeros(n), group_std=torch.zeros(n),
+            sampler_logps=pack_sampler_logps(trajectories, completion_mask.size(1)),
             trajectories=trajectories, reward_result=scored,
         ).to(self._policy_device())
         width = experience.completion_width
@@ -398,6 +401,8 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
         }
         if stats.kl is not None:
             metrics["kl"] = stats.kl
+        if experience.sampler_logps is not None and experience.old_logps is None and not self.needs_generation_logps:
+            metrics.update(sampler_mismatch(logps, experience.sampler_logps, mask))  # on-policy: these logps are pi at sampling
         for term in self.extra_loss_terms:
             value, term_metrics = term(LossInputs(logps, entropy, mask, experience))
             loss = loss + value * token_share
@@ -451,8 +456,12 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
             loss, micro_metrics = self.compute_loss(micro, num_items, policy_weight=weight, token_share=share)
             self.manual_backward(loss)
             metrics["loss"] = metrics.get("loss", 0.0) + float(loss.detach())  # the parts add up to the step's loss
-            for key, value in micro_metrics.items():  # the step's metrics: token-weighted means
-                metrics[key] = metrics.get(key, 0.0) + share * float(value)
+            for key, value in micro_metrics.items():  # the step's metrics: token-weighted means (extremes: extremes)
+                if key.endswith(("_max", "_min")):
+                    pick = max if key.endswith("_max") else min
+                    metrics[key] = pick(metrics[key], float(value)) if key in metrics else float(value)
+                else:
+                    metrics[key] = metrics.get(key, 0.0) + share * float(value)
         return metrics
 
     def micro_batch_weight(self, micro: Experience, chunk: Experience) -> float:
@@ -477,7 +486,7 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
         self.log("train/step_seconds", elapsed, on_step=True, batch_size=1)
 
     def on_fit_start(self) -> None:
-        rank_zero_info(policy_summary(self))
+        rank_zero_info(policy_summary(self) + f"; sampling with {self.make_sampler().describe_backend()}")
         self.check_prompt_lengths(("train", "val"))
 
     def on_validation_start(self) -> None:
@@ -572,6 +581,8 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
         metrics.update({f"train/{k}": torch.tensor(v) for k, v in update_metrics.items()})
         metrics.update({f"train/rewards/{k}": torch.tensor(v).mean() for k, v in scored.components.items()})
         metrics.update({f"train/verifiers/{k}": torch.tensor(v, dtype=torch.float32).mean() for k, v in scored.verifier_passed.items()})
+        if experience.sampler_logps is not None and experience.old_logps is not None:
+            metrics.update({f"train/{k}": v for k, v in sampler_mismatch(experience.old_logps, experience.sampler_logps, experience.completion_mask).items()})
         metrics["step"] = logged_step(self.global_step)
         self.log_dict(metrics, on_step=True, batch_size=len(trajectories))
         self.log("reward", rewards.mean(), prog_bar=True, on_step=True, logger=False, batch_size=len(trajectories))

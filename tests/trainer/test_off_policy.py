@@ -1,0 +1,94 @@
+"""The sampler/trainer mismatch is logged every step, on-policy and with reused generations; with
+retrain's decoder in float32 it reads ~0."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+
+from retrain.data.datamodule import PromptDataModule
+from retrain.models.loading import PolicyConfig
+from retrain.reward.calculator import RewardCalculator, RewardSpec
+from retrain.trainer.grpo import GRPOTrainer
+
+
+@pytest.mark.parametrize("num_iterations", [1, 2], ids=["on-policy", "reused"])
+@pytest.mark.parametrize("backend", ["auto", "transformers"])
+def test_mismatch_metrics_are_logged_and_near_zero_in_float32(tiny_model_dir, num_iterations, backend):
+    algo = GRPOTrainer(
+        policy=PolicyConfig(name_or_path=str(tiny_model_dir)),
+        reward=RewardCalculator([RewardSpec(name="regex_match", kwargs={"pattern": "a"})]),
+        num_generations=4, max_completion_length=6, learning_rate=1e-3, num_iterations=num_iterations, generation_backend=backend,
+    )
+    trainer = pl.Trainer(accelerator="cpu", max_steps=2 * num_iterations, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(algo, datamodule=PromptDataModule(prompts=["repeat a: ", "repeat b: "], batch_size=2))
+    metrics = trainer.callback_metrics
+    assert {"train/sampler/kl", "train/sampler/ratio_mean", "train/sampler/ratio_max", "train/sampler/ratio_min"} <= set(metrics)
+    assert abs(float(metrics["train/sampler/kl"])) < 1e-6
+    assert abs(float(metrics["train/sampler/ratio_max"]) - 1) < 1e-3 and abs(float(metrics["train/sampler/ratio_min"]) - 1) < 1e-3
+
+
+def test_correction_weights_by_hand():
+    import math
+
+    import torch
+
+    from retrain.trainer.off_policy import sampler_correction_weights
+
+    # log pi - log mu per token: row 0: log 4, log 0.5, (env token); row 1: log 1.2, log 0.1.
+    trainer = torch.log(torch.tensor([[0.8, 0.1, 0.5], [0.6, 0.01, 0.5]]))
+    sampler = torch.log(torch.tensor([[0.2, 0.2, 0.9], [0.5, 0.1, 0.9]]))
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
+    token = lambda mode, lo, hi: sampler_correction_weights(trainer, sampler, mask, mode, lo, hi)  # noqa: E731
+    # token ratios: [4, 0.5, 1 (off the mask)], [1.2, 0.1, 1]
+    assert torch.allclose(token("token_truncate", None, 3.0), torch.tensor([[3.0, 0.5, 1.0], [1.2, 0.1, 1.0]]))
+    assert torch.allclose(token("token_truncate", 0.2, 3.0), torch.tensor([[3.0, 0.5, 1.0], [1.2, 0.2, 1.0]]))
+    assert torch.allclose(token("token_mask", 0.2, 3.0), torch.tensor([[0.0, 0.5, 1.0], [1.2, 0.0, 1.0]]))
+    # sequence ratios: 4 x 0.5 = 2; 1.2 x 0.1 = 0.12
+    assert torch.allclose(token("sequence_truncate", 0.5, 1.5), torch.tensor([[1.5], [0.5]]))
+    assert torch.allclose(token("sequence_mask", 0.1, 3.0), torch.tensor([[2.0], [0.12]]))
+    assert torch.allclose(token("sequence_mask", 0.5, 3.0), torch.tensor([[2.0], [0.0]]))
+    # an unknown sampler log-prob (NaN) counts as ratio 1
+    unknown = sampler.clone()
+    unknown[0, 0] = math.nan
+    assert torch.allclose(sampler_correction_weights(trainer, unknown, mask, "token_mask", None, None)[0, :2], torch.tensor([1.0, 0.5]))
+
+
+def test_off_policy_mask_by_hand():
+    import torch
+
+    from retrain.trainer.off_policy import off_policy_sequence_mask
+
+    logps = torch.tensor([[-1.0, -1.0], [-1.0, -1.0], [-1.0, -1.0]])
+    sampled = torch.tensor([[-0.5, -0.5], [-0.5, -1.5], [-0.5, -0.5]])  # mean KL: 0.5, 0.0, 0.5
+    mask = torch.ones(2).expand(3, 2)
+    keep = off_policy_sequence_mask(torch.tensor([-1.0, -1.0, 1.0]), logps, sampled, mask, threshold=0.25)
+    # row 0: negative advantage, KL 0.5 > 0.25 -> dropped; row 1: KL 0 -> kept; row 2: positive -> kept
+    assert keep.tolist() == [[0.0], [1.0], [1.0]]
+
+
+def test_the_correction_trains_and_reads_its_options(tiny_model_dir):
+    algo = GRPOTrainer(
+        policy=PolicyConfig(name_or_path=str(tiny_model_dir)),
+        reward=RewardCalculator([RewardSpec(name="regex_match", kwargs={"pattern": "a"})]),
+        num_generations=4, max_completion_length=6, learning_rate=1e-3,
+        sampler_correction="sequence_mask", sampler_correction_clip_min=0.5, off_policy_mask_threshold=0.1,
+    )
+    assert algo.needs_generation_logps  # the correction needs pi at sampling time
+    trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(algo, datamodule=PromptDataModule(prompts=["repeat a: ", "repeat b: "], batch_size=2))
+    assert algo.global_step == 2 and abs(float(trainer.callback_metrics["train/sampler/kl"])) < 1e-6
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"sampler_correction": "token_clip"}, "sampler_correction='token_clip': use one of token_truncate"),
+    ({"sampler_correction": "token_mask", "sampler_correction_clip_min": 2.0, "sampler_correction_clip_max": 1.0}, "the range is empty"),
+    ({"sampler_correction": "token_truncate", "sampler_correction_clip_max": None}, "both are null"),
+    ({"off_policy_mask_threshold": -1.0}, "off_policy_mask_threshold=-1.0"),
+])
+def test_bad_correction_options_are_refused(tiny_model_dir, options, message):
+    from retrain.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        GRPOTrainer(policy=PolicyConfig(name_or_path=str(tiny_model_dir)), reward=RewardCalculator([RewardSpec(name="length_penalty")]), **options)

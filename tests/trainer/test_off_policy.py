@@ -92,3 +92,42 @@ def test_bad_correction_options_are_refused(tiny_model_dir, options, message):
 
     with pytest.raises(ConfigError, match=message):
         GRPOTrainer(policy=PolicyConfig(name_or_path=str(tiny_model_dir)), reward=RewardCalculator([RewardSpec(name="length_penalty")]), **options)
+
+
+def test_old_logps_from_the_sampler_save_the_forward_and_train_the_same(tiny_model_dir, monkeypatch):
+    import torch
+
+    import retrain.trainer.module as module
+
+    calls = []
+    real = module.completion_logps
+
+    def counted(*args, **kwargs):
+        calls.append(torch.is_grad_enabled())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "completion_logps", counted)
+    losses = {}
+    for from_sampler in (False, True):
+        calls.clear()
+        torch.manual_seed(0)
+        algo = GRPOTrainer(
+            policy=PolicyConfig(name_or_path=str(tiny_model_dir)),
+            reward=RewardCalculator([RewardSpec(name="regex_match", kwargs={"pattern": "a"})]),
+            num_generations=4, max_completion_length=6, learning_rate=1e-3, num_iterations=2, old_logps_from_sampler=from_sampler,
+        )
+        trainer = pl.Trainer(accelerator="cpu", max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(algo, datamodule=PromptDataModule(prompts=["repeat a: ", "repeat b: "], batch_size=2, shuffle=False))
+        losses[from_sampler] = float(trainer.callback_metrics["train/loss"])
+        no_grad_forwards = calls.count(False)  # the old log-probs' forward (the loss's forward has grad)
+        assert no_grad_forwards == (0 if from_sampler else 2), calls  # 2 generations
+    # The sampler's log-probs equal the trainer's in float32, so training is the same to rounding.
+    assert losses[True] == pytest.approx(losses[False], abs=1e-5)
+
+
+def test_old_logps_from_a_truncated_sampler_are_refused(tiny_model_dir):
+    from retrain.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="old_logps_from_sampler=true with top_k=0, top_p=0.9"):
+        GRPOTrainer(policy=PolicyConfig(name_or_path=str(tiny_model_dir)), reward=RewardCalculator([RewardSpec(name="length_penalty")]),
+                    old_logps_from_sampler=True, top_p=0.9)

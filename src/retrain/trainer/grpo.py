@@ -110,6 +110,9 @@ class GRPOTrainer(RLTrainer):
             problems.append(f"sampler_correction_clip_min={low} > sampler_correction_clip_max={high}: the range is empty.")
         if str(h.sampler_correction).endswith("truncate") and low is None and high is None:
             problems.append(f"sampler_correction={h.sampler_correction!r} truncates to [clip_min, clip_max], and both are null: set one.")
+        if h.sampler_correction is not None and h.get("old_logps_from_sampler"):
+            problems.append("sampler_correction with old_logps_from_sampler=true: the correction compares the trainer's log-probs "
+                            "with the sampler's, so they cannot be the sampler's; turn one off.")
         if h.off_policy_mask_threshold is not None and h.off_policy_mask_threshold < 0:
             problems.append(f"off_policy_mask_threshold={h.off_policy_mask_threshold}: a KL threshold is >= 0 (null turns it off).")
         return problems

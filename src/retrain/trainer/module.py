@@ -119,6 +119,12 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
             per-token overhead) and any other policy with `transformers`' `generate` (the run's first
             lines say which, and why); "retrain" insists on the decoder (a policy it cannot sample is
             refused before the first rollout); "transformers" always uses `generate`.
+        old_logps_from_sampler: when a generation feeds several updates (`num_iterations` or
+            `steps_per_generation` > 1), use the sampler's log-probs as the old log-probs instead of
+            a forward pass over the generation. Safe when the sampler draws from exactly the
+            trainer's distribution: retrain's decoder or `generate` on the policy's own weights, in
+            float32, with top_k 0 and top_p 1 (`train/sampler/kl` reads ~0; check it). Not with
+            bf16 sampling or another engine, whose mismatch would then go uncorrected.
     """
 
     def __init__(
@@ -149,6 +155,7 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
         eval_success_threshold: float = 1.0,
         micro_batch_size: Optional[int] = None,
         generation_backend: Backend = "auto",
+        old_logps_from_sampler: bool = False,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -220,6 +227,11 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
             problems.append(f"micro_batch_size={h.micro_batch_size}: must be >= 1, or null.")
         if h.eval_num_generations is not None and h.eval_num_generations < 1:
             problems.append(f"eval_num_generations={h.eval_num_generations}: must be >= 1.")
+        if h.old_logps_from_sampler and (h.top_k or h.top_p < 1):
+            problems.append(
+                f"old_logps_from_sampler=true with top_k={h.top_k}, top_p={h.top_p}: the sampler then draws from a truncated "
+                "distribution, not the trainer's; use top_k 0 and top_p 1.0, or compute the old log-probs (false)."
+            )
         if h.eval_temperature is not None and not h.eval_temperature > 0:
             problems.append(f"eval_temperature={h.eval_temperature}: must be > 0.")
         return problems
@@ -358,7 +370,9 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
             trajectories=trajectories, reward_result=scored,
         ).to(self._policy_device())
         width = experience.completion_width
-        if self.needs_generation_logps:
+        if self.needs_generation_logps and h.old_logps_from_sampler and experience.sampler_logps is not None:
+            experience.old_logps = experience.sampler_logps  # the sampler's, instead of a forward pass
+        elif self.needs_generation_logps:
             experience.old_logps, _ = completion_logps(self.policy, experience.input_ids, experience.attention_mask, width, temperature=h.temperature)
         if self.has_reference:
             experience.ref_logps = self.reference_logps(experience)

@@ -6,7 +6,7 @@
 # FSDP1 refused with its message). Results land in $OUT (copy them into benchmarks/results/gpu/).
 # Each part has its own time limit and runs even if an earlier one failed; the log says which passed.
 #   bash benchmarks/gpu.sh                       # every part; OUT defaults to /tmp/gpu-out
-#   bash benchmarks/gpu.sh fsdp throughput       # only these parts (decoder, throughput, generation, fsdp)
+#   bash benchmarks/gpu.sh fsdp throughput       # only these parts (decoder, mismatch, throughput, generation, fsdp)
 #   STEPS=3 REPEATS=1 bash benchmarks/gpu.sh throughput   # a shorter throughput run
 #   bash benchmarks/gpu.sh compile               # policy.compile on the GPU (not in the default parts:
 #                                                # ~4 more minutes; run it as a second call)
@@ -18,7 +18,7 @@
 #     jsonargparse==4.53.0 fsspec==2026.9.0 docstring-parser typeshed-client
 set -u
 OUT=${OUT:-/tmp/gpu-out}
-parts=${*:-decoder throughput generation fsdp}
+parts=${*:-decoder mismatch throughput generation fsdp}
 want() { [[ " $parts " == *" $1 "* ]]; }
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
@@ -39,6 +39,16 @@ step() { echo; echo "=== $1 ($(date +%T))"; }
     step "decoder tests on CUDA"
     RETRAIN_TEST_DEVICE=cuda timeout 180 python3 -m pytest -q -p no:cacheprovider tests/rollout/test_decoding.py
     results+=("decoder tests: exit $?")
+  fi
+
+  if want mismatch; then
+    step "sampler log-probs on CUDA: decoder and generate vs the trainer, float32 and bf16, medium model"
+    timeout 180 python3 benchmarks/mismatch.py --device cuda --model-size medium --rows 64 --tokens 128 --out-dir "$OUT/mismatch" \
+      && python3 -c "
+import json; r = json.load(open('$OUT/mismatch/mismatch.json'))['results']
+assert r['auto/float32']['own_decoder_used'] and r['auto/float32']['max_abs_logprob_diff'] < 1e-3, r['auto/float32']
+print('float32 decoder log-probs match the trainer on CUDA:', r['auto/float32']['max_abs_logprob_diff'])"
+    results+=("mismatch: exit $?")
   fi
 
   if want throughput; then
@@ -73,7 +83,7 @@ step() { echo; echo "=== $1 ($(date +%T))"; }
 import csv, glob, math
 rows = [r for f in sorted(glob.glob('outputs/quickstart_fsdp/csv/*/metrics.csv')) for r in csv.DictReader(open(f))]
 steps = sorted({int(r['step']) for r in rows if r.get('train/reward')})
-assert steps[-1] == 29, steps
+assert steps[-1] == 30, steps  # rows are labelled by updates done (1..30)
 assert all(math.isfinite(float(r['train/loss'])) for r in rows if r.get('train/loss')), 'non-finite loss'
 print('FSDP2: steps', steps[0], '..', steps[-1], 'logged across both runs; every loss finite')"
     results+=("fsdp2 quickstart + resume: exit $?")

@@ -628,6 +628,14 @@ from retrain.trainer.off_policy import off_policy_sequence_mask, sampler_correct
 CORRECTION_MODES = ["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"]
 
 
+def _batch_inputs(b: Batch) -> dict:
+    """The batch as TRL's `_compute_loss` reads it (the correction tests add their own entries)."""
+    return {
+        "prompt_ids": b.prompt_ids, "prompt_mask": b.prompt_mask, "completion_ids": b.completion_ids,
+        "completion_mask": b.completion_mask, "advantages": b.advantages, "num_items_in_batch": b.num_items_in_batch,
+    }
+
+
 def _sampler_logps(b: Batch) -> torch.Tensor:
     gen = torch.Generator().manual_seed(1)
     return b.old_logps + 0.4 * torch.randn(b.old_logps.shape, generator=gen, dtype=torch.float64)
@@ -646,13 +654,8 @@ def test_sampler_corrected_loss_matches_trl(grpo_trainer, grpo_batch, monkeypatc
     weights = sampler_correction_weights(grpo_batch.old_logps, _sampler_logps(grpo_batch), mask, mode, low, high)
     inside = (weights > low) & (weights < high)
     assert bool(inside.any()) and not bool(inside.all()), weights  # the range bites, and not everywhere
-    inputs = {
-        "prompt_ids": grpo_batch.prompt_ids, "prompt_mask": grpo_batch.prompt_mask,
-        "completion_ids": grpo_batch.completion_ids, "completion_mask": grpo_batch.completion_mask,
-        "advantages": grpo_batch.advantages, "num_items_in_batch": grpo_batch.num_items_in_batch,
-        "old_per_token_logps": grpo_batch.old_logps, "ref_per_token_logps": grpo_batch.ref_logps,
-        "importance_sampling_ratio": weights,
-    }
+    inputs = {**_batch_inputs(grpo_batch), "old_per_token_logps": grpo_batch.old_logps, "ref_per_token_logps": grpo_batch.ref_logps,
+              "importance_sampling_ratio": weights}
     with torch.no_grad():
         theirs = grpo_trainer._compute_loss(grpo_trainer.model, inputs)
         logps, _ = completion_logps(grpo_trainer.model, grpo_batch.input_ids, grpo_batch.attention_mask, grpo_batch.width, temperature=TEMPERATURE)
@@ -685,12 +688,7 @@ def test_off_policy_mask_matches_trl(grpo_trainer, grpo_batch, monkeypatch):
     case = LossCase("dapo", "token", 0.0, True)
     _configure_grpo(monkeypatch, grpo_trainer, case)
     monkeypatch.setattr(grpo_trainer, "off_policy_mask_threshold", 0.05)
-    inputs = {
-        "prompt_ids": grpo_batch.prompt_ids, "prompt_mask": grpo_batch.prompt_mask,
-        "completion_ids": grpo_batch.completion_ids, "completion_mask": grpo_batch.completion_mask,
-        "advantages": grpo_batch.advantages, "num_items_in_batch": grpo_batch.num_items_in_batch,
-        "old_per_token_logps": grpo_batch.old_logps, "sampling_per_token_logps": sampled,
-    }
+    inputs = {**_batch_inputs(grpo_batch), "old_per_token_logps": grpo_batch.old_logps, "sampling_per_token_logps": sampled}
     with torch.no_grad():
         theirs = grpo_trainer._compute_loss(grpo_trainer.model, inputs)
         keep = off_policy_sequence_mask(grpo_batch.advantages, logps, sampled, mask, 0.05)

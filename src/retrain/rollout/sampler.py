@@ -17,7 +17,9 @@ without LoRA adapters) with retrain's own KV-cached decoder (`retrain.rollout.de
 weights, same sampling rules, far less per-token overhead) and everything else -- other
 architectures, DoRA, sharded policies -- with `transformers`' `generate`; `backend="retrain"`
 insists on the decoder (refusing, with the reason, a policy it does not support) and
-`backend="transformers"` always uses `generate`. Every backend returns, with each token, the
+`backend="transformers"` always uses `generate`; `backend="vllm"` samples with a colocated vLLM
+engine (`retrain.rollout.vllm_engine`, holding the policy's weights as the trainer pushed them last).
+Every backend returns, with each token, the
 sampler's log-prob of it under the distribution it was drawn from (after temperature, top-k, top-p).
 """
 
@@ -40,7 +42,7 @@ from retrain.rollout.context import ContextOverflowError, context_length, no_roo
 from retrain.rollout.sharding import LockstepGeneration, generate_kwargs, generation_context, generation_state
 
 _IDLE_TURNS = 4  # event-loop turns without a new request before a partial batch is served
-Backend = Literal["auto", "retrain", "transformers"]
+Backend = Literal["auto", "retrain", "transformers", "vllm"]
 
 
 def _neutral_generation_options() -> dict[str, Any]:
@@ -60,8 +62,10 @@ class BatchingSampler:
         max_new_tokens: default token budget per request.
         temperature, top_p, top_k: sampling settings (TRL's names and meanings; `top_k=0` is off).
         min_new_tokens: force at least this many tokens (benchmarks use it for equal work).
-        backend: "auto" (retrain's decoder for Llama-family policies, else `generate`) or
-            "transformers" (always `generate`); see the module docstring.
+        backend: "auto" (retrain's decoder for Llama-family policies, else `generate`),
+            "retrain", "transformers" (always `generate`) or "vllm" (needs `engine`); see the module
+            docstring.
+        engine: the `VLLMEngine` that samples when `backend="vllm"` (the caller keeps its weights current).
     """
 
     def __init__(
@@ -75,11 +79,15 @@ class BatchingSampler:
         top_k: int = 0,
         min_new_tokens: int = 0,
         backend: Backend = "auto",
+        engine: Optional[Any] = None,
     ) -> None:
-        if backend not in ("auto", "retrain", "transformers"):
-            raise ValueError(f"backend={backend!r}: use 'auto', 'retrain' or 'transformers'.")
+        if backend not in ("auto", "retrain", "transformers", "vllm"):
+            raise ValueError(f"backend={backend!r}: use 'auto', 'retrain', 'transformers' or 'vllm'.")
+        if (backend == "vllm") != (engine is not None):
+            raise ValueError("backend='vllm' samples with a VLLMEngine: pass engine= with it (and only with it).")
         self.model = model
         self.backend = backend
+        self.engine = engine
         self._own_decoder: Optional[bool] = None  # decided on first use: the policy does not change class
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens
@@ -99,6 +107,8 @@ class BatchingSampler:
             "bos_token_id": tokenizer.bos_token_id,
         })
         self.context_limit = context_length(model, tokenizer)
+        if engine is not None:  # the engine serves at most its max_model_len
+            self.context_limit = min(filter(None, (self.context_limit, engine.max_model_len)))
         self._template_renders_tools: Optional[bool] = None
         self.active_episodes = 0
         self.generate_calls = 0
@@ -197,6 +207,12 @@ class BatchingSampler:
         """One batched call of the backend: per context, the sampled tokens and the sampler's log-prob
         of each (under the warped distribution it drew from)."""
         self.generate_calls += 1
+        if self.engine is not None:
+            config = self.generation_config
+            return self.engine.generate(
+                contexts, max_new_tokens, temperature=config.temperature, top_p=config.top_p, top_k=config.top_k or 0,
+                min_new_tokens=config.min_new_tokens or 0, eos_token_ids=self.eos_token_ids,
+            )
         batch = self.tokenizer.pad({"input_ids": contexts}, padding=True, return_tensors="pt")
         device = next(self.model.parameters()).device
         input_ids = batch["input_ids"].to(device)
@@ -244,17 +260,19 @@ class BatchingSampler:
     def uses_own_decoder(self) -> bool:
         """Whether calls outside a sharded rollout use `retrain.rollout.decoding` (see `backend`)."""
         if self._own_decoder is None:
-            reason = None if self.backend == "transformers" else decoding.unsupported_reason(self.model)
+            reason = None if self.backend in ("transformers", "vllm") else decoding.unsupported_reason(self.model)
             if self.backend == "retrain" and reason is not None:
                 raise ConfigError(
                     f"generation_backend=retrain: retrain's decoder cannot sample this policy ({reason}); "
                     "use generation_backend: auto (falls back to transformers' generate) or transformers."
                 )
-            self._own_decoder = self.backend != "transformers" and reason is None
+            self._own_decoder = self.backend not in ("transformers", "vllm") and reason is None
         return self._own_decoder
 
     def describe_backend(self) -> str:
         """Which backend samples, and why (the unsupported reason when `auto` falls back), for the run's log."""
+        if self.engine is not None:
+            return self.engine.describe()
         if self.uses_own_decoder:
             return "retrain's KV-cached decoder"
         if self.backend == "transformers":

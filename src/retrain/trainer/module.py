@@ -13,6 +13,7 @@ updates, so `max_steps` and `every_n_train_steps` are in updates, as in TRL.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import random
 import time
@@ -44,6 +45,7 @@ from retrain.trainer.metrics import MajAtK, PassAtK
 from retrain.rollout.engine import RolloutEngine
 from retrain.rollout.sampler import Backend, BatchingSampler
 from retrain.rollout.sharding import generation_context, shard_model
+from retrain.rollout.vllm_engine import VLLMEngine, VLLMOptions, vllm_unavailable_reason
 
 SchedulerType = Literal["constant", "constant_with_warmup", "linear", "cosine"]
 
@@ -118,7 +120,11 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
             LoRA included) with retrain's own KV-cached decoder (same weights and sampling rules, far less
             per-token overhead) and any other policy with `transformers`' `generate` (the run's first
             lines say which, and why); "retrain" insists on the decoder (a policy it cannot sample is
-            refused before the first rollout); "transformers" always uses `generate`.
+            refused before the first rollout); "transformers" always uses `generate`; "vllm" samples
+            with a vLLM engine colocated in each training process (`vllm` options; the policy's
+            weights are pushed into it before every rollout phase).
+        vllm: the colocated vLLM engine's options (`retrain.rollout.vllm_engine.VLLMOptions`), for
+            `generation_backend: vllm`.
         old_logps_from_sampler: when a generation feeds several updates (`num_iterations` or
             `steps_per_generation` > 1), use the sampler's log-probs as the old log-probs instead of
             a forward pass over the generation. Safe when the sampler draws from exactly the
@@ -156,6 +162,7 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
         micro_batch_size: Optional[int] = None,
         generation_backend: Backend = "auto",
         old_logps_from_sampler: bool = False,
+        vllm: Optional[VLLMOptions] = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -164,6 +171,7 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
         if problems:
             raise ConfigError(f"Invalid {type(self).__name__} options (model.init_args):\n  - " + "\n  - ".join(problems))
         self.policy_config = policy
+        self.vllm_options = vllm or VLLMOptions()
         self.calculator = reward
         self.environment = environment or SingleTurnEnvironment()
         self.rollouts = RolloutEngine(self.environment, reward)
@@ -180,6 +188,7 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
         self.last_samples: list[dict[str, Any]] = []
         self._last_trajectories: list[Trajectory] = []
         self._step_started = 0.0
+        self._engine: Optional[VLLMEngine] = None  # generation_backend: vllm; built by start_engine
 
     # ------------------------------------------------------------------ what an algorithm supplies
     def compute_advantages(self, rewards: torch.Tensor, experience: Experience) -> tuple[torch.Tensor, torch.Tensor]:
@@ -232,6 +241,11 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
                 f"old_logps_from_sampler=true with top_k={h.top_k}, top_p={h.top_p}: the sampler then draws from a truncated "
                 "distribution, not the trainer's; use top_k 0 and top_p 1.0, or compute the old log-probs (false)."
             )
+        if h.vllm is not None and h.generation_backend != "vllm":
+            problems.append(
+                f"vllm options are set but generation_backend={h.generation_backend!r}: set generation_backend: vllm "
+                "to sample with vLLM, or remove the vllm block."
+            )
         if h.eval_temperature is not None and not h.eval_temperature > 0:
             problems.append(f"eval_temperature={h.eval_temperature}: must be > 0.")
         return problems
@@ -240,6 +254,8 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
     def prepare_data(self) -> None:
         """Once per node, before any rank loads: build the tiny local model if it is configured and missing."""
         self._start_environment()
+        if self.hparams.generation_backend == "vllm":
+            self._check_vllm_setup()
         built = ensure_tiny_model(self.policy_config)
         if built:
             rank_zero_info(built)
@@ -320,6 +336,41 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
         batch_size = getattr(datamodule, "batch_size", None)
         self._check_batch_split(batch_size)
         self._start_environment()  # every rank (prepare_data ran on one per node), before configure_model
+        if h.generation_backend == "vllm":
+            self._check_vllm_setup()
+
+    def _check_vllm_setup(self) -> None:
+        """Refuse vLLM options that cannot work, before the policy loads."""
+        device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+        problems = self.vllm_options.problems(device)
+        reason = vllm_unavailable_reason()
+        if reason:
+            problems.append(reason)
+        if problems:
+            raise ConfigError("generation_backend: vllm cannot start (model.init_args.vllm):\n  - " + "\n  - ".join(problems))
+
+    def start_engine(self) -> Optional[VLLMEngine]:
+        """The colocated vLLM engine, built once per process from the policy's checkpoint (None for
+        the other backends)."""
+        if self.hparams.generation_backend != "vllm" or self._engine is not None:
+            return self._engine
+        self.configure_model()
+        config = self.policy_config
+        self._engine = VLLMEngine(
+            config.name_or_path, self.vllm_options, dtype=next(self.policy.parameters()).dtype,
+            seed=(torch.initial_seed() + self.global_rank) % 2**31, trust_remote_code=config.trust_remote_code,
+            revision=config.revision,
+        )
+        return self._engine
+
+    def rollout_context(self) -> Any:
+        """Around a rollout phase: the engine holds the current weights (vLLM), or the sharded policy
+        is ready to sample (`generation_context`)."""
+        engine = self.start_engine()
+        if engine is None:
+            return generation_context(self.policy)
+        engine.sync(self.policy, version=self.global_step)
+        return contextlib.nullcontext()
 
     def _start_environment(self) -> None:
         """Set up the environment before the policy is built or loaded: a tool server that cannot start
@@ -343,6 +394,7 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
         return BatchingSampler(
             self.policy, self.tokenizer, max_new_tokens=h.max_completion_length,
             temperature=temperature or h.temperature, top_p=h.top_p, top_k=h.top_k, backend=h.generation_backend,
+            engine=self.start_engine(),
         )
 
     def rollout(self, records: Sequence[PromptRecord]) -> tuple[list[Trajectory], RewardResult]:
@@ -354,10 +406,12 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
     def gather_experience(self, records: Sequence[PromptRecord]) -> Experience:
         self.configure_model()
         h = self.hparams
-        with generation_context(self.policy):  # every rank once: sampling from a sharded policy
+        with self.rollout_context():  # every rank once: a sharded policy or the engine's weights
             trajectories, scored = self.rollout(records)
             if self.group_filter is not None:
                 trajectories, scored = self.group_filter(self, records, trajectories, scored)
+        if self._engine is not None:
+            self._engine.sleep()  # GPUs with vllm.enable_sleep_mode: the update needs the memory
         input_ids, attention_mask, completion_mask = pack_trajectories(
             trajectories, self.tokenizer.pad_token_id, mask_truncated=h.mask_truncated_completions
         )
@@ -507,6 +561,10 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
         if self._trainer is not None and self.trainer.state.fn == "validate":  # `retrain validate`
             self.check_prompt_lengths(("val",))
 
+    def on_validation_end(self) -> None:
+        if self._engine is not None:
+            self._engine.sleep()
+
     def on_test_start(self) -> None:
         self.check_prompt_lengths(("test",))
 
@@ -562,7 +620,7 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
         self.configure_model()
         h = self.hparams
         k = h.eval_num_generations or h.num_generations
-        with generation_context(self.policy):
+        with self.rollout_context():
             trajectories, scored = self.rollouts.collect(batch, k, self.make_sampler(h.eval_temperature), h.max_completion_length)
         rewards = torch.tensor(scored.total)
         correct = (rewards >= h.eval_success_threshold).view(-1, k)

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from cli_config import quick_config, read_metrics, run_retrain
@@ -167,6 +168,33 @@ def test_a_resumed_vllm_run_continues_exactly(tmp_path):
     for step in (3, 4):
         for name in ("train/reward", "train/loss", "train/completion_length"):
             assert math.isclose(float(got[step][name]), float(expected[step][name]), rel_tol=1e-5, abs_tol=1e-7), (step, name)
+
+
+DDP = {"devices": 2, "strategy": "ddp"}
+FSDP2 = {
+    "devices": 2,
+    "strategy": {"class_path": "lightning.pytorch.strategies.ModelParallelStrategy", "init_args": {"data_parallel_size": 2, "tensor_parallel_size": 1}},
+}
+
+
+@pytest.mark.parametrize("strategy", [DDP, FSDP2], ids=["ddp", "fsdp2"])
+def test_each_rank_drives_its_own_engine_with_the_policys_current_weights(tmp_path, strategy):
+    """Two gloo processes, each with its own engine (vLLM's external launcher inside the process
+    group); under FSDP2 each engine gets the full weights gathered from the shards. After real
+    updates the engines still sample the trainer's distribution (ratios ~1 at every step)."""
+    path = _vllm_config(tmp_path, max_steps=4, lr_scheduler_type="constant", learning_rate=0.01)
+    config = yaml.safe_load(path.read_text())
+    config["trainer"].update(strategy)
+    config["trainer"]["callbacks"] = [c for c in config["trainer"]["callbacks"] if "ModelCheckpoint" not in c["class_path"]]
+    config["trainer"]["enable_checkpointing"] = False
+    path.write_text(yaml.safe_dump(config))
+    result = run_retrain(tmp_path, "fit", "--config", str(path), timeout=400)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "on cpu x 2; sampling with vLLM" in result.stderr + result.stdout
+    rows = [r for r in read_metrics(tmp_path / "out" / "csv") if r.get("train/reward")]
+    assert sorted(int(float(r["step"])) for r in rows) == [1, 2, 3, 4]
+    assert any(abs(float(r["train/loss"])) > 1e-6 for r in rows[:-1])  # the weights moved before the last rollout
+    _assert_sampler_matches(rows)
 
 
 def test_vllm_options_without_the_vllm_backend_are_refused(tmp_path):

@@ -94,3 +94,37 @@ def test_backend_choice_is_described_and_retrain_refuses_what_it_cannot_sample(t
     assert "does not support this policy: rope_type='dynamic'" in BatchingSampler(dynamic, tokenizer, max_new_tokens=4).describe_backend()
     with pytest.raises(ConfigError, match="generation_backend=retrain: retrain's decoder cannot sample this policy"):
         BatchingSampler(dynamic, tokenizer, max_new_tokens=4, backend="retrain").uses_own_decoder
+
+
+def test_generations_and_trajectories_carry_the_policy_version_that_sampled_them(tiny_model_dir):
+    """The hook for bounded staleness: every generation names its weights' version, and a multi-turn
+    episode keeps the oldest of its turns' (here the weights move on between the two turns)."""
+    import asyncio
+
+    from retrain.core.episode import EnvironmentObservation, LLMAction
+    from retrain.environment.base import Environment
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    sampler = BatchingSampler(model, tokenizer, max_new_tokens=3, backend="auto", policy_version=7)
+    seen = []
+
+    class TwoTurns(Environment):
+        max_turns = 2
+
+        async def reset(self, record):
+            return EnvironmentObservation(content=record.prompt)
+
+        def parse_action(self, generation):
+            seen.append(generation.policy_version)
+            return LLMAction(text=generation.text, token_ids=list(generation.token_ids))  # a finished turn
+
+        async def step(self, action):
+            sampler.policy_version += 2  # an update lands between the turns
+            return EnvironmentObservation(content="more: ")
+
+    sampler.active_episodes = 1
+    episode = asyncio.run(TwoTurns().rollout(PromptRecord(prompt="ab: "), sampler, max_completion_tokens=20))
+    assert seen == [7, 9]
+    assert episode.policy_version == 7
+    assert BatchingSampler(model, tokenizer, max_new_tokens=2).policy_version is None

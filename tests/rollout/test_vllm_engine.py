@@ -71,6 +71,7 @@ def test_a_lora_policy_samples_with_its_merged_weights(checks):
     assert checks["lora_base_diff"] > 100 * FLOAT32_TOLERANCE  # the adapter matters
     assert checks["lora_weights_untouched"]  # merged on the side, never in place
     assert checks["lora_names_are_checkpoint_names"]
+    assert checks["stamped_versions"] == [3]  # each generation names the weights the engine held
 
 
 def test_building_the_engine_keeps_the_trainers_threads(checks):

@@ -141,6 +141,7 @@ def main(workdir: Path) -> dict:
     engine.sync(lora, version=3)
     generations = _sample(sampler(), contexts)
     out["lora_diff"] = _max_diff(lora, contexts, generations, 1.0)
+    out["stamped_versions"] = sorted({g.policy_version for g in generations})
     out["lora_base_diff"] = _max_diff(model, contexts, generations, 1.0)  # the same weights without the adapter
     out["lora_weights_untouched"] = all(torch.equal(before[n], t) for n, t in lora.state_dict().items())
     out["lora_names_are_checkpoint_names"] = sorted(names) == sorted(model.state_dict())

@@ -76,6 +76,9 @@ class Generation:
     logprobs: list[float] = field(default_factory=list)
     """The sampler's log-prob of each token under the distribution it sampled from (after
     temperature, top-k and top-p); empty when the backend gives none."""
+    policy_version: Optional[int] = None
+    """The version of the policy's weights that sampled it (optimizer updates done when they were
+    taken; None when the client does not say): how stale a rollout is when it is trained on."""
 
 
 @runtime_checkable
@@ -133,6 +136,8 @@ class Trajectory:
     """Per-episode numbers the environment reports (tool calls, errors, ...); logged as means."""
     budget_exhausted: bool = False
     """The episode ended because the token budget ran out (not by `done` or `max_turns`)."""
+    policy_version: Optional[int] = None
+    """The oldest policy version that sampled any of its turns (`Generation.policy_version`)."""
 
     @property
     def completion_text(self) -> str:

@@ -95,6 +95,8 @@ class Environment(ABC):
                 break
             generation = await policy.generate(trajectory.prompt_ids + trajectory.completion_ids, budget)
             action = self.parse_action(generation)
+            versions = [v for v in (trajectory.policy_version, generation.policy_version) if v is not None]
+            trajectory.policy_version = min(versions, default=None)  # the oldest weights behind any turn
             trajectory.completion_ids += action.token_ids
             trajectory.completion_mask += [1] * len(action.token_ids)
             trajectory.completion_logprobs += _sampler_logprobs(generation, action)

@@ -66,6 +66,8 @@ class BatchingSampler:
             "retrain", "transformers" (always `generate`) or "vllm" (needs `engine`); see the module
             docstring.
         engine: the `VLLMEngine` that samples when `backend="vllm"` (the caller keeps its weights current).
+        policy_version: the version of `model`'s weights (the trainer's optimizer updates), stamped on
+            every `Generation`; with an engine, the version the engine holds is stamped instead.
     """
 
     def __init__(
@@ -80,6 +82,7 @@ class BatchingSampler:
         min_new_tokens: int = 0,
         backend: Backend = "auto",
         engine: Optional[Any] = None,
+        policy_version: Optional[int] = None,
     ) -> None:
         if backend not in ("auto", "retrain", "transformers", "vllm"):
             raise ValueError(f"backend={backend!r}: use 'auto', 'retrain', 'transformers' or 'vllm'.")
@@ -88,6 +91,7 @@ class BatchingSampler:
         self.model = model
         self.backend = backend
         self.engine = engine
+        self.policy_version = policy_version
         self._own_decoder: Optional[bool] = None  # decided on first use: the policy does not change class
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens
@@ -293,4 +297,5 @@ class BatchingSampler:
         end = next((i + 1 for i, t in enumerate(tokens) if t in eos_ids), None)
         kept = tokens if end is None else tokens[:end]
         text = self.tokenizer.decode(kept, skip_special_tokens=True)
-        return Generation(token_ids=kept, text=text, truncated=end is None, logprobs=list(logprobs[: len(kept)]))
+        version = self.engine.weights_version if self.engine is not None else self.policy_version
+        return Generation(token_ids=kept, text=text, truncated=end is None, logprobs=list(logprobs[: len(kept)]), policy_version=version)

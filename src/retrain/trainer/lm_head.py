@@ -1,0 +1,128 @@
+"""Completion log-probs and entropies through the LM head in chunks of tokens, never all logits at once.
+
+`chunked_logps(hidden, weight, bias, targets, ...)` computes, for each of M tokens, the log-prob of
+its target and the entropy of its distribution at the sampling temperature, from the final hidden
+states `[M, H]` and the LM head `[V, H]`. The full path materialises `[M, V]` logits (and the same
+again for their gradient); here at most `[chunk, V]` exists at a time, in the forward and in the
+backward, which recomputes each chunk's logits instead of storing them. Memory for this part is
+O(chunk x V); the extra cost is one more LM-head product per chunk in the backward.
+
+The gradient, with z = (h W^T + b) / T, p = softmax(z), for a token's log-prob l = z_y - logsumexp(z)
+and entropy E = -sum_v p_v log p_v:
+
+    dl/dz = onehot(y) - p
+    dE/dz = -p * (log p + E)
+
+and dz/d(hW^T + b) = 1/T, from which the gradients of h, W and b follow by the chain rule.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+# Elements of one chunk's logits (64M: 256 MB in float32): the default chunk is this many divided by V.
+DEFAULT_CHUNK_ELEMENTS = 2**26
+
+
+def default_chunk_size(vocab_size: int) -> int:
+    """Tokens per chunk so that one chunk's `[chunk, V]` logits hold about `DEFAULT_CHUNK_ELEMENTS`."""
+    return max(1, DEFAULT_CHUNK_ELEMENTS // max(1, vocab_size))
+
+
+def _chunk_statistics(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For one chunk: (log-probs of the targets [c], entropies [c], log-softmax [c, V])."""
+    logits = hidden @ weight.t()  # [c, V]
+    if bias is not None:
+        logits = logits + bias
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # half-precision heads: softmax in float32
+    if temperature != 1.0:
+        logits = logits / temperature
+    log_probs = logits.log_softmax(-1)  # [c, V]
+    target_logps = log_probs.gather(-1, targets[:, None]).squeeze(-1)  # [c]
+    entropy = -(log_probs.exp() * log_probs).sum(-1)  # [c]
+    return target_logps, entropy, log_probs
+
+
+class _ChunkedLogps(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, chunk):  # type: ignore[override]
+        dtype = torch.promote_types(torch.promote_types(hidden.dtype, weight.dtype), torch.float32)
+        logps = torch.empty(hidden.size(0), dtype=dtype, device=hidden.device)  # [M]
+        entropy = torch.empty_like(logps)  # [M]
+        for start in range(0, hidden.size(0), chunk):
+            rows = slice(start, start + chunk)
+            logps[rows], entropy[rows], _ = _chunk_statistics(hidden[rows], weight, bias, targets[rows], temperature)
+        ctx.save_for_backward(hidden, weight, bias, targets, entropy)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        ctx.set_materialize_grads(False)  # an unused output (a detached entropy) then costs nothing in backward
+        return logps, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logps, grad_entropy):  # type: ignore[override]
+        hidden, weight, bias, targets, entropy = ctx.saved_tensors
+        temperature, chunk = ctx.temperature, ctx.chunk
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        dtype = entropy.dtype  # the precision the forward's softmax ran at
+        grad_weight = torch.zeros_like(weight, dtype=dtype) if need_weight else None
+        grad_bias = torch.zeros_like(bias, dtype=dtype) if need_bias and bias is not None else None
+        grad_logps = torch.zeros_like(entropy) if grad_logps is None else grad_logps.to(dtype)
+        grad_entropy = None if grad_entropy is None else grad_entropy.to(dtype)
+        for start in range(0, hidden.size(0), chunk):
+            rows = slice(start, start + chunk)
+            _, _, log_probs = _chunk_statistics(hidden[rows], weight, bias, targets[rows], temperature)
+            probs = log_probs.exp()  # [c, V]
+            # d/dz of (g_l * l + g_E * E), then 1/T for z = logits / T: [c, V]
+            grad_z = -probs * grad_logps[rows, None]
+            if grad_entropy is not None:
+                grad_z -= grad_entropy[rows, None] * probs * (log_probs + entropy[rows, None])
+            grad_z.scatter_add_(-1, targets[rows, None], grad_logps[rows, None])
+            if temperature != 1.0:
+                grad_z = grad_z / temperature
+            if need_hidden:
+                grad_hidden[rows] = (grad_z.to(weight.dtype) @ weight).to(hidden.dtype)
+            if need_weight:
+                grad_weight += grad_z.t() @ hidden[rows].to(dtype)
+            if grad_bias is not None:
+                grad_bias += grad_z.sum(0)
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(bias.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None
+
+
+def chunked_logps(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    targets: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    chunk_size: Optional[int] = None,
+    entropy_grad: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs `[...]` of `targets` and entropies `[...]` of the LM head's distribution at `temperature`.
+
+    Args:
+        hidden: final hidden states `[..., H]` (any leading shape; flattened to M tokens).
+        weight: the LM head's weight `[V, H]` (the tied embedding, for tied models).
+        bias: its bias `[V]`, or None.
+        targets: the token whose log-prob is wanted, `[...]`.
+        temperature: logits are divided by it, as the sampler does.
+        chunk_size: tokens per chunk (default: `default_chunk_size(V)`).
+        entropy_grad: whether gradients flow through the entropy (an entropy bonus); otherwise it is
+            returned detached and its gradient is not computed.
+    """
+    leading = targets.shape
+    flat_hidden = hidden.reshape(-1, hidden.size(-1))  # [M, H]
+    flat_targets = targets.reshape(-1)  # [M]
+    chunk = chunk_size or default_chunk_size(weight.size(0))
+    logps, entropy = _ChunkedLogps.apply(flat_hidden, weight, bias, flat_targets, float(temperature), int(chunk))
+    if not entropy_grad:
+        entropy = entropy.detach()
+    return logps.view(leading), entropy.view(leading)

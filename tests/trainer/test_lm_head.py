@@ -1,0 +1,209 @@
+"""Chunked LM-head log-probs and entropies (`retrain.trainer.lm_head`) against the full-logits path,
+in float64 on small hand-sized tensors: values, gradients (hidden, weight, bias), temperature,
+chunk sizes that do and do not divide the tokens, the entropy with and without its gradient, and
+that no `[M, V]` tensor is ever created."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from trl.trainer.utils import entropy_from_logits, selective_log_softmax
+
+from retrain.trainer.lm_head import chunked_logps, default_chunk_size
+
+M, H, V = 7, 5, 11  # tokens, hidden size, vocabulary
+
+
+def _inputs(bias: bool, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(M, H, dtype=torch.float64, generator=generator, requires_grad=True)
+    weight = torch.randn(V, H, dtype=torch.float64, generator=generator, requires_grad=True)
+    b = torch.randn(V, dtype=torch.float64, generator=generator, requires_grad=True) if bias else None
+    targets = torch.randint(0, V, (M,), generator=generator)
+    return hidden, weight, b, targets
+
+
+def _full(hidden, weight, bias, targets, temperature):
+    """The path it replaces: all logits, then TRL's log-softmax and entropy."""
+    logits = hidden @ weight.t() + (0 if bias is None else bias)  # [M, V]
+    logits = logits / temperature
+    return selective_log_softmax(logits[None], targets[None])[0], entropy_from_logits(logits[None])[0]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("chunk", [1, 3, M, 100])
+@pytest.mark.parametrize("bias", [False, True])
+def test_values_and_gradients_equal_the_full_logits_path(temperature, chunk, bias):
+    hidden, weight, b, targets = _inputs(bias)
+    weights_l = torch.linspace(-1, 2, M, dtype=torch.float64)  # arbitrary upstream gradients
+    weights_e = torch.linspace(0.5, -1.5, M, dtype=torch.float64)
+    params = [hidden, weight] + ([b] if bias else [])
+
+    logps, entropy = chunked_logps(hidden, weight, b, targets, temperature=temperature, chunk_size=chunk, entropy_grad=True)
+    ours = torch.autograd.grad((weights_l * logps).sum() + (weights_e * entropy).sum(), params)
+    ref_logps, ref_entropy = _full(hidden, weight, b, targets, temperature)
+    reference = torch.autograd.grad((weights_l * ref_logps).sum() + (weights_e * ref_entropy).sum(), params)
+
+    torch.testing.assert_close(logps.double(), ref_logps, rtol=0, atol=1e-6)
+    torch.testing.assert_close(entropy.double(), ref_entropy, rtol=0, atol=1e-6)
+    for mine, theirs in zip(ours, reference):
+        torch.testing.assert_close(mine, theirs, rtol=1e-6, atol=1e-6)
+
+
+def test_without_entropy_grad_the_entropy_is_detached_and_the_log_prob_gradient_is_unchanged():
+    hidden, weight, _, targets = _inputs(False, seed=1)
+    logps, entropy = chunked_logps(hidden, weight, None, targets, chunk_size=2)
+    assert not entropy.requires_grad
+    ours = torch.autograd.grad(logps.sum(), [hidden, weight])
+    reference = torch.autograd.grad(_full(hidden, weight, None, targets, 1.0)[0].sum(), [hidden, weight])
+    for mine, theirs in zip(ours, reference):
+        torch.testing.assert_close(mine, theirs, rtol=1e-6, atol=1e-6)
+
+
+def test_any_leading_shape_is_kept():
+    hidden, weight, _, targets = _inputs(False)
+    logps, entropy = chunked_logps(hidden[:6].reshape(2, 3, H), weight, None, targets[:6].reshape(2, 3), chunk_size=4)
+    assert logps.shape == entropy.shape == (2, 3)
+    torch.testing.assert_close(logps.reshape(-1).double(), _full(hidden[:6], weight, None, targets[:6], 1.0)[0], rtol=0, atol=1e-6)
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the most elements any op's output had."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for value in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(value, torch.Tensor):
+                self.largest = max(self.largest, value.numel())
+        return out
+
+
+def test_no_tensor_of_all_tokens_by_the_vocabulary_is_created_forward_or_backward():
+    generator = torch.Generator().manual_seed(0)
+    tokens, vocab, width, chunk = 64, 1000, 8, 4
+    hidden = torch.randn(tokens, width, generator=generator, requires_grad=True)
+    weight = torch.randn(vocab, width, generator=generator, requires_grad=True)
+    targets = torch.randint(0, vocab, (tokens,), generator=generator)
+    with _LargestTensor() as chunked:
+        logps, entropy = chunked_logps(hidden, weight, None, targets, chunk_size=chunk, entropy_grad=True)
+        (logps.sum() + entropy.sum()).backward()
+    assert chunked.largest <= max(chunk * vocab, vocab * width)  # a chunk's logits, or the head's own gradient
+    with _LargestTensor() as full:
+        ref_logps, ref_entropy = _full(hidden, weight, None, targets, 1.0)
+        (ref_logps.sum() + ref_entropy.sum()).backward()
+    assert full.largest >= tokens * vocab  # the check can fail: the full path does create one
+
+
+def test_the_default_chunk_bounds_a_chunks_logits():
+    assert default_chunk_size(151_936) * 151_936 <= 2**26 < (default_chunk_size(151_936) + 1) * 151_936
+    assert default_chunk_size(100) == 2**26 // 100
+    assert default_chunk_size(10**9) == 1
+
+
+# ---------------------------------------------------------------------- through real models
+def _packed_batch(vocab: int):
+    """Two left-padded rows of unequal prompt and completion lengths, as `pack_trajectories` lays them out."""
+    generator = torch.Generator().manual_seed(3)
+    ids = torch.randint(4, vocab, (2, 9), generator=generator)
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :3] = 0  # row 1: a shorter prompt
+    mask[0, -1] = 0  # row 0: a shorter completion
+    return ids, mask, 4
+
+
+def _logps_and_grads(model, ids, mask, width, chunk, temperature=0.8):
+    from retrain.trainer.experience import completion_logps
+
+    model.zero_grad()
+    logps, entropy = completion_logps(model, ids, mask, width, temperature=temperature, with_entropy=True, entropy_grad=True, chunk_size=chunk)
+    ((logps * mask[:, -width:]).sum() + 0.1 * (entropy * mask[:, -width:]).sum()).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return logps.detach(), entropy.detach(), grads
+
+
+def _gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=60, n_embd=32, n_head=2, n_layer=2, n_positions=32, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0))
+
+
+def _lora(tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=2, lora_alpha=4, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.1)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "lora"])
+def test_the_trainers_log_probs_entropies_and_gradients_equal_the_full_logits_path(tiny_model_dir, kind):
+    from transformers import AutoModelForCausalLM
+
+    from retrain.trainer.experience import chunkable_head
+
+    model = {"llama": lambda: AutoModelForCausalLM.from_pretrained(tiny_model_dir), "gpt2": _gpt2, "lora": lambda: _lora(tiny_model_dir)}[kind]()
+    assert chunkable_head(model) is not None
+    ids, mask, width = _packed_batch(model.config.vocab_size)
+    full = _logps_and_grads(model, ids, mask, width, chunk=None)
+    chunked = _logps_and_grads(model, ids, mask, width, chunk=3)
+    keep = mask[:, -width:].bool()
+    torch.testing.assert_close(chunked[0][keep], full[0][keep], rtol=0, atol=1e-5)
+    torch.testing.assert_close(chunked[1][keep], full[1][keep], rtol=0, atol=1e-5)
+    assert chunked[2].keys() == full[2].keys() and full[2]
+    for name, grad in full[2].items():
+        torch.testing.assert_close(chunked[2][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_heads_the_chunked_path_does_not_cover_fall_back_to_the_full_logits(tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from retrain.trainer.experience import chunkable_head
+
+    adapted_head = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=2, target_modules=["lm_head", "q_proj"]))
+    assert chunkable_head(adapted_head) is None
+    ids, mask, width = _packed_batch(adapted_head.config.vocab_size)
+    full = _logps_and_grads(adapted_head, ids, mask, width, chunk=None)
+    fallback = _logps_and_grads(adapted_head, ids, mask, width, chunk=3)
+    torch.testing.assert_close(fallback[0], full[0], rtol=0, atol=0)
+
+
+def test_grpo_loss_reference_and_gradients_are_unchanged_by_chunking(tiny_model_dir):
+    from retrain import GRPOTrainer, PolicyConfig, RewardCalculator, RewardSpec
+    from retrain.core.errors import ConfigError
+    from retrain.core.records import PromptRecord
+
+    def trainer(**options):
+        t = GRPOTrainer(
+            policy=PolicyConfig(name_or_path=str(tiny_model_dir)), reward=RewardCalculator([RewardSpec(name="regex_match", kwargs={"pattern": "[a-f]"})]),
+            num_generations=4, max_completion_length=6, beta=0.1, temperature=0.9, **options,
+        )
+        t.configure_model()
+        return t
+
+    full, chunked = trainer(), trainer(logits_chunk_size=5)
+    torch.manual_seed(0)
+    experience = full.gather_experience([PromptRecord(prompt="repeat a: "), PromptRecord(prompt="repeat bb: ")])
+    torch.testing.assert_close(chunked.reference_logps(experience), experience.ref_logps, rtol=0, atol=1e-5)
+    results = []
+    for t in (full, chunked):
+        t.policy.zero_grad()
+        loss, metrics = t.compute_loss(experience)
+        loss.backward()
+        results.append((loss.detach(), metrics["entropy"], {n: p.grad.clone() for n, p in t.policy.named_parameters()}))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-5, atol=1e-6)
+    for name, grad in results[0][2].items():
+        torch.testing.assert_close(results[1][2][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    with pytest.raises(ConfigError, match="logits_chunk_size=0"):
+        trainer(logits_chunk_size=0)

@@ -103,3 +103,15 @@ def test_mismatch_smoke(tmp_path: Path) -> None:
     assert float32["own_decoder_used"] and abs(float32["kl"]) < 1e-6  # the decoder samples the trainer's distribution
     assert all(math.isfinite(m["kl"]) for m in record["results"].values())
     assert "| retrain decoder | bfloat16 |" in (tmp_path / "mismatch.md").read_text()
+
+
+def test_lm_head_smoke(tmp_path: Path) -> None:
+    command = [sys.executable, str(REPO / "benchmarks" / "lm_head.py"), "--vocab", "100", "--rows", "2", "--tokens", "8", "--repeats", "1", "--out-dir", str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    record = json.loads((tmp_path / "lm_head.json").read_text())
+    assert json.loads(done.stdout.strip().splitlines()[-1])["results"] == record["results"]
+    row = record["results"]["100"]
+    for mode in ("full", "chunked"):
+        assert row[mode]["peak_rss_mb"] > 0 and len(row[mode]["seconds"]) == 1 and math.isfinite(row[mode]["seconds"][0])
+    assert "| 100 |" in (tmp_path / "lm_head.md").read_text()

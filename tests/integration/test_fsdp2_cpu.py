@@ -48,11 +48,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _algo(model_dir: str) -> GRPOTrainer:
+def _algo(model_dir: str, **options) -> GRPOTrainer:
     return GRPOTrainer(
         policy=PolicyConfig(name_or_path=model_dir),
         reward=RewardCalculator([RewardSpec(name="regex_match", kwargs={"pattern": "[a-f]"})]),
-        num_generations=4, max_completion_length=6, learning_rate=1e-3, beta=0.05,
+        num_generations=4, max_completion_length=6, learning_rate=1e-3, beta=0.05, **options,
     )
 
 
@@ -112,14 +112,16 @@ def _worker(rank: int, port: int, model_dir: str, results) -> None:
         results[f"generation/fsdp1/{rank}"] = (outputs == expected, dummy, outputs)
 
         # A fixed experience: the same 8 rollouts on both ranks (same seed, same weights, no collectives).
+        # The single process takes the full logits, the sharded one the chunked LM head (the default).
         torch.manual_seed(0)
-        single, sharded = _algo(model_dir), _algo(model_dir)
+        single, sharded = _algo(model_dir, full_logits=True), _algo(model_dir)
         single.configure_model()
         sharded._device_mesh = mesh  # what ModelParallelStrategy sets before configure_model
         sharded.configure_model()
         experience = single.gather_experience(RECORDS)
         half = experience.split(2)[rank]  # each rank: one prompt's group
-        ref_gap = (sharded.reference_logps(half) - half.ref_logps).abs().max().item()
+        real = half.attention_mask[:, -half.completion_width :].bool()
+        ref_gap = (sharded.reference_logps(half) - half.ref_logps)[real].abs().max().item()
 
         def update(algo, batch, num_items):
             optimizer = algo.configure_optimizers()["optimizer"]

@@ -116,11 +116,15 @@ def _packed_batch(vocab: int):
     return ids, mask, 4
 
 
-def _logps_and_grads(model, ids, mask, width, chunk, temperature=0.8):
+def _logps_and_grads(model, ids, mask, width, chunk, temperature=0.8, pack=False):
+    """chunk=None: the full-logits path."""
     from retrain.trainer.experience import completion_logps
 
     model.zero_grad()
-    logps, entropy = completion_logps(model, ids, mask, width, temperature=temperature, with_entropy=True, entropy_grad=True, chunk_size=chunk)
+    logps, entropy = completion_logps(
+        model, ids, mask, width, temperature=temperature, with_entropy=True, entropy_grad=True,
+        full_logits=chunk is None, chunk_size=chunk, pack=pack,
+    )
     ((logps * mask[:, -width:]).sum() + 0.1 * (entropy * mask[:, -width:]).sum()).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return logps.detach(), entropy.detach(), grads
@@ -191,10 +195,12 @@ def test_grpo_loss_reference_and_gradients_are_unchanged_by_chunking(tiny_model_
         t.configure_model()
         return t
 
-    full, chunked = trainer(), trainer(logits_chunk_size=5)
+    full, chunked = trainer(full_logits=True), trainer(logits_chunk_size=5)
     torch.manual_seed(0)
     experience = full.gather_experience([PromptRecord(prompt="repeat a: "), PromptRecord(prompt="repeat bb: ")])
-    torch.testing.assert_close(chunked.reference_logps(experience), experience.ref_logps, rtol=0, atol=1e-5)
+    real = experience.attention_mask[:, -experience.completion_width :].bool()  # padding: 0 here, whatever the full logits give there
+    torch.testing.assert_close(chunked.reference_logps(experience)[real], experience.ref_logps[real], rtol=0, atol=1e-5)
+    assert (chunked.reference_logps(experience)[~real] == 0).all()
     results = []
     for t in (full, chunked):
         t.policy.zero_grad()
@@ -207,3 +213,102 @@ def test_grpo_loss_reference_and_gradients_are_unchanged_by_chunking(tiny_model_
         torch.testing.assert_close(results[1][2][name], grad, rtol=1e-4, atol=1e-6, msg=name)
     with pytest.raises(ConfigError, match="logits_chunk_size=0"):
         trainer(logits_chunk_size=0)
+
+
+# ---------------------------------------------------------------------- packed rows
+def _multi_turn_batch(vocab: int):
+    """Left-padded episodes of unequal length whose completions interleave policy and environment
+    tokens (mask 0), laid out by `pack_trajectories` as the trainer does."""
+    from retrain.core.episode import Trajectory
+    from retrain.core.records import PromptRecord
+    from retrain.trainer.experience import pack_trajectories
+
+    generator = torch.Generator().manual_seed(5)
+
+    def ids(n):
+        return torch.randint(4, vocab, (n,), generator=generator).tolist()
+
+    episodes = [
+        Trajectory(PromptRecord(prompt="a"), ids(3), ids(7), [1, 1, 0, 0, 1, 1, 1]),
+        Trajectory(PromptRecord(prompt="b"), ids(6), ids(2), [1, 1]),
+        Trajectory(PromptRecord(prompt="c"), ids(1), ids(5), [1, 0, 0, 1, 1]),
+    ]
+    input_ids, attention_mask, completion_mask = pack_trajectories(episodes, pad_token_id=0)
+    return input_ids, attention_mask, completion_mask
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "lora"])
+@pytest.mark.parametrize("chunk", [None, 4])  # packed with the full logits and with the chunked head
+def test_packed_rows_give_the_padded_log_probs_entropies_and_gradients(tiny_model_dir, kind, chunk):
+    from transformers import AutoModelForCausalLM
+
+    model = {"llama": lambda: AutoModelForCausalLM.from_pretrained(tiny_model_dir), "gpt2": _gpt2, "lora": lambda: _lora(tiny_model_dir)}[kind]()
+    ids, mask, completion_mask = _multi_turn_batch(model.config.vocab_size)
+    width = completion_mask.size(1)
+    padded = _logps_and_grads(model, ids, mask, width, chunk=None)
+    packed = _logps_and_grads(model, ids, mask, width, chunk=chunk, pack=True)
+    keep = mask[:, -width:].bool()
+    torch.testing.assert_close(packed[0][keep], padded[0][keep], rtol=0, atol=1e-5)
+    torch.testing.assert_close(packed[1][keep], padded[1][keep], rtol=0, atol=1e-5)
+    assert (packed[0][~keep] == 0).all()
+    for name, grad in padded[2].items():
+        torch.testing.assert_close(packed[2][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_packing_refuses_attention_that_would_mix_rows(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from retrain.trainer.experience import packing_problem
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert packing_problem(model) is None  # sdpa
+    model.config._attn_implementation = "paged|sdpa"
+    assert "does not keep packed rows apart" in packing_problem(model)
+    model.config.model_type = "gemma2"  # checked only for the listed architectures
+    assert "model_type 'gemma2'" in packing_problem(model)
+
+
+# ---------------------------------------------------------------------- the trainer's default path
+def test_the_trainers_default_loss_path_creates_no_tensor_of_all_completion_tokens_by_the_vocabulary(tiny_model_dir):
+    """Every tensor an op creates in the loss's forward and backward (and the reference and old
+    log-prob passes) is recorded: of those with a vocabulary-sized last dimension (logits and their
+    kin), none is larger than one chunk's `[4, V]`, while the full path creates `[N, C, V]` ones
+    (so the check can fail)."""
+    from retrain import GRPOTrainer, PolicyConfig, RewardCalculator, RewardSpec
+    from retrain.core.records import PromptRecord
+
+    class LargestTensor(TorchDispatchMode):
+        def __init__(self, vocab):
+            super().__init__()
+            self.vocab, self.largest = vocab, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.is_view:  # a view (the head's `weight.t()`) allocates nothing
+                return out
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor) and t.dim() and t.size(-1) == self.vocab:
+                    self.largest = max(self.largest, t.numel())
+            return out
+
+    def largest(**options):
+        t = GRPOTrainer(
+            policy=PolicyConfig(name_or_path=str(tiny_model_dir)), reward=RewardCalculator([RewardSpec(name="regex_match", kwargs={"pattern": "[a-f]"})]),
+            num_generations=8, max_completion_length=8, beta=0.1, num_iterations=2, logits_chunk_size=4, **options,
+        )
+        t.configure_model()
+        torch.manual_seed(0)
+        records = [PromptRecord(prompt="repeat a: "), PromptRecord(prompt="repeat bb: ")]
+        experience = t.gather_experience(records)  # samples, then the old and reference log-prob passes
+        vocab = t.policy.config.vocab_size
+        with LargestTensor(vocab) as mode:
+            t.generation_logps(t.policy, experience)
+            t.reference_logps(experience)
+            loss, _ = t.compute_loss(experience)
+            loss.backward()
+        return mode.largest, len(experience) * experience.completion_width * vocab, 4 * vocab
+
+    chunked, logits, chunk = largest()
+    full, _, _ = largest(full_logits=True)
+    assert full >= logits  # the full path does create them
+    assert chunked <= chunk < logits / 10

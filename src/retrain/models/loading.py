@@ -76,6 +76,9 @@ class PolicyConfig:
             on-policy step has importance ratios far from 1 (`train/sampler/ratio_max`). TRL's
             `disable_dropout` does the same but defaults to off. A LoRA adapter's own dropout
             (`lora.dropout`) is kept as set.
+        attn_implementation: the attention kernels of the policy's forward for the loss
+            (`transformers`' `attn_implementation`: "sdpa", "eager", "flash_attention_2", ...); null
+            keeps transformers' default (sdpa). Sampling with retrain's decoder or vLLM does not use it.
     """
 
     name_or_path: str
@@ -88,6 +91,7 @@ class PolicyConfig:
     sharded_generation: Literal["gathered", "sharded"] = "gathered"
     compile: bool = False
     disable_dropout: bool = True
+    attn_implementation: Optional[str] = None
 
 
 # Checkpoints keep these in the module's hyperparameters. Allowlisting them lets `torch.load` read a
@@ -113,8 +117,9 @@ def load_policy(config: PolicyConfig) -> PreTrainedModel:
     """The policy model, loaded from the hub or a local directory."""
     ensure_tiny_model(config)
     dtype = "auto" if config.dtype == "auto" else _DTYPES[config.dtype]
+    extra = {} if config.attn_implementation is None else {"attn_implementation": config.attn_implementation}
     model = AutoModelForCausalLM.from_pretrained(
-        config.name_or_path, revision=config.revision, trust_remote_code=config.trust_remote_code, dtype=dtype
+        config.name_or_path, revision=config.revision, trust_remote_code=config.trust_remote_code, dtype=dtype, **extra
     )
     if config.gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name warns, goes in v6

@@ -63,15 +63,45 @@ class Experience:
         size = n // parts
         return [self.rows(slice(i * size, (i + 1) * size)) for i in range(parts)]
 
-    def rows(self, rows: slice) -> "Experience":
-        """The rollouts in `rows`, every tensor sliced along its first dimension."""
+    def rows(self, rows: slice | torch.Tensor | list[int]) -> "Experience":
+        """The rollouts in `rows` (a slice or indices), every tensor indexed along its first dimension."""
+        index = rows if isinstance(rows, slice) else torch.as_tensor(rows, dtype=torch.long, device=self.input_ids.device)
         values = {}
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, torch.Tensor):
-                value = value[rows]
-            elif f.name == "trajectories":
-                value = value[rows]
+                value = value[index]
+            elif f.name == "trajectories" and value:
+                value = value[rows] if isinstance(rows, slice) else [value[int(i)] for i in index]
+            values[f.name] = value
+        return Experience(**values)
+
+    @property
+    def lengths(self) -> tuple[list[int], list[int]]:
+        """(prompt lengths, completion lengths) of the rollouts, in tokens (padding excluded)."""
+        prompt_width = self.input_ids.size(1) - self.completion_width
+        real = self.attention_mask.bool()
+        return real[:, :prompt_width].sum(1).tolist(), real[:, prompt_width:].sum(1).tolist()
+
+    def trimmed(self) -> "Experience":
+        """The same rollouts without the columns that are padding in every row: the left-padding
+        beyond the longest prompt and the completion columns beyond the longest completion.
+
+        Positions follow the attention mask, so the log-probs are unchanged; `[N, C]` tensors keep
+        their first `C'` columns (`[N]` and `[N, 1]` ones are kept whole)."""
+        prompt_width = self.input_ids.size(1) - self.completion_width
+        prompts, completions = self.lengths
+        start = prompt_width - max(prompts, default=0)
+        width = max(1, max(completions, default=0))  # at least one column, as `pack_trajectories` keeps
+        if start == 0 and width == self.completion_width:
+            return self
+        values = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("input_ids", "attention_mask"):
+                value = value[:, start : prompt_width + width]
+            elif isinstance(value, torch.Tensor) and value.dim() == 2 and value.size(1) == self.completion_width:
+                value = value[:, :width]
             values[f.name] = value
         return Experience(**values)
 
@@ -146,7 +176,9 @@ def completion_logps(
     temperature: float = 1.0,
     with_entropy: bool = False,
     entropy_grad: bool = False,
+    full_logits: bool = False,
     chunk_size: Optional[int] = None,
+    pack: bool = False,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Per-token log-probs `[N, C]` of the completion tokens (and their entropies, if asked).
 
@@ -154,39 +186,94 @@ def completion_logps(
     distribution the tokens were sampled from. Position ids follow the attention mask, as in
     `generate`, so left padding does not shift positions.
 
-    With `chunk_size`, the log-probs and entropies come from the final hidden states through the LM
-    head `chunk_size` tokens at a time (`retrain.trainer.lm_head`), so no `[N, C, V]` logits exist;
-    for a model whose head that path does not cover (`chunkable_head` is None) the full path runs.
+    By default the log-probs and entropies come from the final hidden states through the LM head
+    `chunk_size` tokens at a time (`retrain.trainer.lm_head`; default `default_chunk_size(V)`), for
+    the real completion tokens only, so no `[N, C, V]` logits exist; padding gets 0. `full_logits`
+    (or a head that path does not cover, `chunkable_head` is None) asks the model for all logits.
+
+    With `pack`, the rows' real tokens run as one sequence `[1, T]` without padding, position ids
+    restarting per row; `transformers` then keeps attention inside each row (`packing_problem`).
     """
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    if chunk_size:
-        parts = chunkable_head(model)
-        if parts is not None:
-            backbone, head = parts
-            hidden = backbone(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-            ).last_hidden_state[:, -(completion_width + 1) : -1]  # [N, C, H]: the state at t predicts token t + 1
+    layout = _TargetLayout.of(attention_mask, completion_width, pack)
+    if pack:
+        real = attention_mask.bool()
+        model_inputs = {"input_ids": input_ids[real][None], "attention_mask": None, "position_ids": position_ids[real][None]}
+        keep = 0  # every position: the targets are scattered through the pack
+    else:
+        model_inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        keep = completion_width + 1
+    head = None if full_logits else chunkable_head(model)
+    targets = input_ids[:, -completion_width:][layout.rows, layout.cols]  # [M]
+    if head is not None:
+
+        def log_probs_head(hidden: torch.Tensor) -> torch.Tensor:  # [B, S, H] -> [N, C, 2]
+            states = hidden.reshape(-1, hidden.size(-1))[layout.states]  # [M, H]
             logps, entropy = chunked_logps(
-                hidden, head.weight, head.bias, input_ids[:, -completion_width:],
+                states, head.weight, head.bias, targets,
                 temperature=temperature, chunk_size=chunk_size, entropy_grad=entropy_grad,
             )
-            return logps, entropy if with_entropy else None
-    logits = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        use_cache=False,
-        logits_to_keep=completion_width + 1,
-    ).logits
-    logits = logits[:, :-1, :]  # [N, C, V]: the logit at t predicts token t + 1
+            return torch.stack([layout.scatter(logps), layout.scatter(entropy)], -1)
+
+        # The head module itself computes the log-probs, inside the model's own forward: whatever
+        # wraps the model (PEFT, FSDP2's unshard hooks on the root) runs as usual around it.
+        head.forward = log_probs_head  # an instance attribute shadows the class's forward
+        try:
+            out = model(**model_inputs, use_cache=False, logits_to_keep=keep).logits  # [N, C, 2]
+        finally:
+            del head.forward
+        return out[..., 0], out[..., 1] if with_entropy else None
+    logits = model(**model_inputs, use_cache=False, logits_to_keep=keep).logits
+    if pack:
+        logits = logits.reshape(-1, logits.size(-1))[layout.states][None]  # [1, M, V]
+    else:
+        logits = logits[:, :-1, :]  # [N, C, V]: the logit at t predicts token t + 1
     if temperature != 1.0:  # skip a full copy of the logits in the common case
         logits = logits / temperature
-    targets = input_ids[:, -completion_width:]  # [N, C]
-    logps = selective_log_softmax(logits, targets)
+    if pack:
+        logps = layout.scatter(selective_log_softmax(logits, targets[None])[0])
+    else:
+        logps = selective_log_softmax(logits, input_ids[:, -completion_width:])
     entropy = None
     if with_entropy:  # with grad only when a loss term (an entropy bonus) differentiates through it
         entropy = entropy_from_logits(logits if entropy_grad else logits.detach())
+        if pack:
+            entropy = layout.scatter(entropy[0])
     return logps, entropy
+
+
+@dataclass
+class _TargetLayout:
+    """Where the real completion tokens are, and which of the model's output positions predicts each.
+
+    `rows`, `cols` [M]: the targets' places in the `[N, C]` completion block; `states` [M]: the
+    predicting position in the model's output, flattened (`[N, C + 1]` padded, `[1, T]` packed).
+    A target counts when it and the token before it are real (a row's first token has no prediction).
+    """
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+    states: torch.Tensor
+    shape: tuple[int, int]
+
+    @classmethod
+    def of(cls, attention_mask: torch.Tensor, completion_width: int, pack: bool) -> "_TargetLayout":
+        n, width = attention_mask.shape
+        real = attention_mask.bool()
+        c = completion_width
+        targets = real[:, width - c :] & real[:, width - c - 1 : width - 1]  # [N, C]
+        rows, cols = targets.nonzero(as_tuple=True)
+        if pack:
+            index = real.reshape(-1).cumsum(0).view(n, width) - 1  # [N, W]: each real token's place in the pack
+            states = index[:, width - c :][rows, cols] - 1
+        else:
+            states = rows * (c + 1) + cols  # output [N, C + 1]: position j predicts completion column j
+        return cls(rows, cols, states, (n, c))
+
+    def scatter(self, values: torch.Tensor) -> torch.Tensor:
+        """`[M]` values back into `[N, C]`, 0 off the targets (differentiable)."""
+        out = values.new_zeros(self.shape)
+        return out.index_put((self.rows, self.cols), values)
 
 
 # Architectures whose logits are exactly `lm_head(final hidden state)` (no soft-capping or scaling
@@ -194,18 +281,39 @@ def completion_logps(
 CHUNKABLE_MODEL_TYPES = frozenset({"llama", "qwen2", "qwen3", "mistral", "gpt2"})
 
 
-def chunkable_head(model: torch.nn.Module) -> Optional[tuple[torch.nn.Module, torch.nn.Linear]]:
-    """(the backbone that returns the final hidden states, the LM head) when the chunked path covers
-    `model`: a listed architecture, a plain `nn.Linear` head (not LoRA-adapted) and full (not
-    FSDP-sharded) weights; else None."""
+# Attention implementations that keep packed rows apart: `transformers` builds a block-diagonal mask
+# from the restarting position ids (sdpa, eager, flex) or runs variable-length kernels (flash).
+PACKABLE_ATTENTION = frozenset({"sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3"})
+
+
+def packing_problem(model: torch.nn.Module) -> Optional[str]:
+    """Why `model`'s rows cannot be packed into one sequence (`pack_rows`), or None when they can."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") and hasattr(model, "peft_config") else model
+    config = getattr(inner, "config", None)
+    model_type = getattr(config, "model_type", None)
+    attention = getattr(config, "_attn_implementation", None)
+    if model_type not in CHUNKABLE_MODEL_TYPES:
+        return (
+            f"pack_rows: model_type {model_type!r} is not one whose packed rows retrain has checked against padded ones "
+            f"({', '.join(sorted(CHUNKABLE_MODEL_TYPES))}); set pack_rows: false."
+        )
+    if attention not in PACKABLE_ATTENTION:
+        return (
+            f"pack_rows: attention implementation {attention!r} does not keep packed rows apart; use one of "
+            f"{', '.join(sorted(PACKABLE_ATTENTION))} (policy.attn_implementation), or set pack_rows: false."
+        )
+    return None
+
+
+def chunkable_head(model: torch.nn.Module) -> Optional[torch.nn.Linear]:
+    """The LM head, when the chunked path covers `model`: a listed architecture with a plain
+    `nn.Linear` head (not LoRA-adapted nor wrapped by PEFT's `modules_to_save`); else None.
+
+    An FSDP2-sharded head is covered: the head runs inside the root module's forward, after FSDP2 has
+    gathered the root's parameters, and its backward before they are freed again."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") and hasattr(model, "peft_config") else model
     config = getattr(inner, "config", None)
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
     if getattr(config, "model_type", None) not in CHUNKABLE_MODEL_TYPES or type(head) is not torch.nn.Linear:
         return None
-    if hasattr(head.weight, "full_tensor"):  # a DTensor: FSDP2 gathers it only inside the head's own forward
-        return None
-    backbone = getattr(inner, "base_model", None)
-    if backbone is None or backbone is inner:
-        return None
-    return backbone, head
+    return head

@@ -35,7 +35,8 @@ from retrain.reward.calculator import RewardCalculator, RewardResult
 from retrain.trainer.base import BaseTrainer
 from retrain.trainer.cadence import align_checkpoint_cadence
 from retrain.rollout.context import check_datamodule_prompts, context_length
-from retrain.trainer.experience import Experience, completion_logps, pack_sampler_logps, pack_trajectories
+from retrain.trainer.experience import Experience, completion_logps, pack_sampler_logps, pack_trajectories, packing_problem
+from retrain.trainer.micro_batches import plan_micro_batches
 from retrain.trainer.host_memory import tune_malloc_for_reuse
 from retrain.trainer.losses import LossStats, masked_mean
 from retrain.trainer.off_policy import sampler_mismatch
@@ -125,12 +126,22 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
             weights are pushed into it before every rollout phase).
         vllm: the colocated vLLM engine's options (`retrain.rollout.vllm_engine.VLLMOptions`), for
             `generation_backend: vllm`.
-        logits_chunk_size: compute the completion log-probs and entropies through the LM head this
-            many tokens at a time (`retrain.trainer.lm_head`), so the `[N, C, V]` logits never exist
-            (memory O(chunk x V) instead of O(N x C x V); one more head product per chunk in the
-            backward). null: the full logits (today's default). Llama, Qwen2/3, Mistral and GPT-2
-            heads, LoRA policies whose head is not adapted; other policies, an FSDP2-sharded head and
-            `policy.compile` use the full logits.
+        micro_batch_tokens: instead of a fixed number of rows, fill each forward/backward pass with
+            rollouts (longest first) up to this many tokens (prompt + completion, padding counted
+            unless `pack_rows`); a rollout longer than the budget gets a pass of its own. With
+            `micro_batch_size` too, both bounds hold. The result does not depend on it.
+        pack_rows: run each pass's rollouts as one sequence without padding (position ids restart
+            per rollout; `transformers` keeps attention inside each one). Less work on padding;
+            with `sdpa`/`eager` attention the pass's mask is dense in its total length, so bound
+            the passes with `micro_batch_tokens`; `flash_attention_2` runs packed rows natively.
+        logits_chunk_size: tokens per chunk of the LM head when the completion log-probs and
+            entropies are computed from the final hidden states (`retrain.trainer.lm_head`, the
+            default), so no `[N, C, V]` logits exist; memory O(chunk x V), one more head product per
+            chunk in the backward. null: about 64M logits per chunk (`default_chunk_size`).
+        full_logits: ask the model for all `[N, C, V]` logits instead (the path TRL takes; more
+            memory). Policies the chunked path does not cover (heads other than a plain linear layer
+            of Llama, Qwen2/3, Mistral or GPT-2, e.g. a LoRA-adapted head) and `policy.compile` use
+            it anyway.
         old_logps_from_sampler: when a generation feeds several updates (`num_iterations` or
             `steps_per_generation` > 1), use the sampler's log-probs as the old log-probs instead of
             a forward pass over the generation. Safe when the sampler draws from exactly the
@@ -170,6 +181,9 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
         old_logps_from_sampler: bool = False,
         vllm: Optional[VLLMOptions] = None,
         logits_chunk_size: Optional[int] = None,
+        full_logits: bool = False,
+        micro_batch_tokens: Optional[int] = None,
+        pack_rows: bool = False,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -249,7 +263,9 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
                 "distribution, not the trainer's; use top_k 0 and top_p 1.0, or compute the old log-probs (false)."
             )
         if h.logits_chunk_size is not None and h.logits_chunk_size < 1:
-            problems.append(f"logits_chunk_size={h.logits_chunk_size}: must be >= 1 (tokens per chunk), or null for the full logits.")
+            problems.append(f"logits_chunk_size={h.logits_chunk_size}: must be >= 1 (tokens per chunk), or null for the default.")
+        if h.micro_batch_tokens is not None and h.micro_batch_tokens < 1:
+            problems.append(f"micro_batch_tokens={h.micro_batch_tokens}: must be >= 1 (tokens per pass), or null.")
         if h.vllm is not None and h.generation_backend != "vllm":
             problems.append(
                 f"vllm options are set but generation_backend={h.generation_backend!r}: set generation_backend: vllm "
@@ -278,6 +294,9 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
         self.policy = load_policy(self.policy_config).train()  # from_pretrained returns eval mode
         if self.hparams.beta > 0 and not is_adapter_model(self.policy):
             self.ref_policy = copy.deepcopy(self.policy).requires_grad_(False).eval()
+        problem = packing_problem(self.policy) if self.hparams.pack_rows else None
+        if problem:
+            raise ConfigError(f"{type(self).__name__} (model.init_args.{problem}")
         if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 (retrain.rollout.sharding)
             for model in (self.policy, self.ref_policy):
                 if model is not None:
@@ -293,12 +312,44 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
 
     def reference_logps(self, experience: Experience) -> torch.Tensor:
         """`[N, C]` completion log-probs under the reference policy (no grad)."""
-        args = (experience.input_ids, experience.attention_mask, experience.completion_width)
+        if self.ref_policy is not None:
+            return self.generation_logps(self.ref_policy, experience)
+        with self.policy.disable_adapter():
+            return self.generation_logps(self.policy, experience)
+
+    def generation_logps(self, model: torch.nn.Module, experience: Experience) -> torch.Tensor:
+        """`[N, C]` log-probs of a whole generation under `model` (no grad), pass by pass as the
+        update will run them, so these passes fit wherever the update's do."""
+        logps = None
         with torch.no_grad():
-            if self.ref_policy is not None:
-                return completion_logps(self.ref_policy, *args, temperature=self.hparams.temperature, chunk_size=self.hparams.logits_chunk_size)[0]
-            with self.policy.disable_adapter():
-                return completion_logps(self.policy, *args, temperature=self.hparams.temperature, chunk_size=self.hparams.logits_chunk_size)[0]
+            for rows, micro in self.micro_batches(experience):
+                part, _ = self.completion_logps(model, micro)
+                if logps is None:
+                    logps = part.new_zeros(len(experience), experience.completion_width)
+                logps[torch.as_tensor(rows, device=part.device), : micro.completion_width] = part
+        return logps
+
+    def micro_batches(self, experience: Experience) -> list[tuple[list[int], Experience]]:
+        """`experience` cut into forward/backward passes (`micro_batch_size`, `micro_batch_tokens`),
+        each with its row indices and without the columns that are padding in all its rows."""
+        h = self.hparams
+        prompts, completions = experience.lengths
+        plan = plan_micro_batches(
+            prompts, completions, max_rows=h.micro_batch_size, max_tokens=h.micro_batch_tokens, packed=h.pack_rows
+        )
+        return [(rows, experience.rows(rows).trimmed()) for rows in plan]
+
+    def completion_logps(
+        self, model: torch.nn.Module, experience: Experience, *, with_entropy: bool = False, entropy_grad: bool = False
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """`[N, C]` log-probs (and entropies) of `experience`'s completions under `model`, by the
+        trainer's options (`logits_chunk_size`, `full_logits`, `pack_rows`)."""
+        h = self.hparams
+        return completion_logps(
+            model, experience.input_ids, experience.attention_mask, experience.completion_width,
+            temperature=h.temperature, with_entropy=with_entropy, entropy_grad=entropy_grad,
+            chunk_size=h.logits_chunk_size, full_logits=h.full_logits or model is self._compiled_policy, pack=h.pack_rows,
+        )
 
     def configure_optimizers(self) -> Any:
         self.configure_model()
@@ -432,13 +483,10 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
             sampler_logps=pack_sampler_logps(trajectories, completion_mask.size(1)),
             trajectories=trajectories, reward_result=scored,
         ).to(self._policy_device())
-        width = experience.completion_width
         if self.needs_generation_logps and h.old_logps_from_sampler and experience.sampler_logps is not None:
             experience.old_logps = experience.sampler_logps  # the sampler's, instead of a forward pass
         elif self.needs_generation_logps:
-            experience.old_logps, _ = completion_logps(
-                self.policy, experience.input_ids, experience.attention_mask, width, temperature=h.temperature, chunk_size=h.logits_chunk_size
-            )
+            experience.old_logps = self.generation_logps(self.policy, experience)
         if self.has_reference:
             experience.ref_logps = self.reference_logps(experience)
         experience.advantages, experience.group_std = self.compute_advantages(experience.rewards, experience)
@@ -463,11 +511,7 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
         metrics are the micro-batch's own, unweighted.
         """
         model = self.policy if self._compiled_policy is None else self._compiled_policy
-        logps, entropy = completion_logps(
-            model, experience.input_ids, experience.attention_mask, experience.completion_width,
-            temperature=self.hparams.temperature, with_entropy=True, entropy_grad=self.entropy_grad,
-            chunk_size=self.hparams.logits_chunk_size if self._compiled_policy is None else None,
-        )
+        logps, entropy = self.completion_logps(model, experience, with_entropy=True, entropy_grad=self.entropy_grad)
         mask = experience.completion_mask
         if num_items_in_batch is None:
             num_items_in_batch = mask.sum()
@@ -521,16 +565,14 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
             self.clip_gradients(optimizer, gradient_clip_val=self.hparams.max_grad_norm, gradient_clip_algorithm="norm")
 
     def _accumulate_gradients(self, chunk: Experience, num_items: torch.Tensor) -> dict[str, float]:
-        """Backward over one optimizer step's rollouts, in micro-batches of `micro_batch_size`.
+        """Backward over one optimizer step's rollouts, pass by pass (`micro_batches`).
 
         Each micro-batch's loss is weighted by its share of the step (`micro_batch_weight`), so the
         accumulated gradient equals the gradient of the whole step's loss.
         """
-        size = self.hparams.micro_batch_size or len(chunk)
         step_tokens = chunk.completion_mask.sum().clamp(min=1.0)
         metrics: dict[str, float] = {}
-        for start in range(0, len(chunk), size):
-            micro = chunk.rows(slice(start, start + size))
+        for _, micro in self.micro_batches(chunk):
             share = float(micro.completion_mask.sum() / step_tokens)
             weight = self.micro_batch_weight(micro, chunk)
             loss, micro_metrics = self.compute_loss(micro, num_items, policy_weight=weight, token_share=share)

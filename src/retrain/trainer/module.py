@@ -140,8 +140,9 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
             chunk in the backward. null: about 64M logits per chunk (`default_chunk_size`).
         full_logits: ask the model for all `[N, C, V]` logits instead (the path TRL takes; more
             memory). Policies the chunked path does not cover (heads other than a plain linear layer
-            of Llama, Qwen2/3, Mistral or GPT-2, e.g. a LoRA-adapted head) and `policy.compile` use
-            it anyway.
+            of Llama, Qwen2/3, Mistral or GPT-2, e.g. a LoRA-adapted head) use it anyway. The chunked
+            head runs inside the model's own forward, so PEFT, FSDP2 and `policy.compile` (which
+            traces it into the same graph) cover it.
         old_logps_from_sampler: when a generation feeds several updates (`num_iterations` or
             `steps_per_generation` > 1), use the sampler's log-probs as the old log-probs instead of
             a forward pass over the generation. Safe when the sampler draws from exactly the
@@ -348,7 +349,7 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
         return completion_logps(
             model, experience.input_ids, experience.attention_mask, experience.completion_width,
             temperature=h.temperature, with_entropy=with_entropy, entropy_grad=entropy_grad,
-            chunk_size=h.logits_chunk_size, full_logits=h.full_logits or model is self._compiled_policy, pack=h.pack_rows,
+            chunk_size=h.logits_chunk_size, full_logits=h.full_logits, pack=h.pack_rows,
         )
 
     def configure_optimizers(self) -> Any:

@@ -1,14 +1,19 @@
-"""The loss's log-prob pass at real vocabulary sizes: the full logits vs `logits_chunk_size`.
+"""The loss pass at real vocabulary sizes: retrain's chunked LM head, its full-logits path, and TRL's.
 
     python benchmarks/lm_head.py                          # vocab 32,000 and 151,936, 16 rows x 512 tokens
+    python benchmarks/lm_head.py --vocab 151936 --rows 4 --tokens 512 1024 2048 --repeats 0 \
+        --out-dir benchmarks/results/lm_head_lengths       # peak memory as completions grow
     python benchmarks/lm_head.py --vocab 100 --rows 2 --tokens 8 --repeats 1   # smoke test
 
-One forward and backward of what `compute_loss` asks of the policy: `completion_logps` with entropy
-(at temperature 0.9, gradient through the log-probs and the entropy) on the `small` model body
-(hidden 256, 4 layers) with the given vocabulary, random weights, `--rows` rows of 16 prompt +
-`--tokens` completion tokens. Each configuration runs in its own process, so its peak resident
-memory (`ru_maxrss`) is its own; the model and batch alone are measured too (the `baseline` row),
-so "pass MB" is what the pass itself added. Median seconds of `--repeats` passes after a warm-up.
+One forward and backward of one pass of the GRPO loss (`loss_type="dapo"`, temperature 0.9,
+advantages +-1, beta 0) on the `small` model body (hidden 256, 4 layers, tied embeddings) with a
+character vocabulary padded to `--vocab` tokens, random weights, `--rows` rows of a 16-token
+prompt and `--tokens` completion tokens, through each library's own code: retrain's
+`GRPOTrainer.compute_loss` (default: the chunked LM head; `full`: `full_logits: true`) and TRL
+1.16's `GRPOTrainer._compute_loss` (what its `training_step` runs per micro-batch). Each
+configuration runs in its own process, so its peak resident memory (`ru_maxrss`) is its own;
+"pass MB" is the peak after the pass less the peak before it (the library, the model and the
+batch loaded), what the pass itself added. Seconds: the median of `--repeats` passes after one warm-up (0: one pass, memory only).
 
 Prints a Markdown table, then one line of JSON; writes benchmarks/results/lm_head.{md,json}.
 """
@@ -22,37 +27,96 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
-from common import REPO, commit, machine, write_results
+from common import CHILD_ENV, REPO, commit, machine, write_results
 
-MODES = ("baseline", "full", "chunked")
+MODES = ("chunked", "full", "trl")
+LABELS = {"chunked": "retrain (chunked head, default)", "full": "retrain full_logits", "trl": "TRL"}
+PROMPT, TEMPERATURE = 16, 0.9
 
 
-def child(vocab: int, rows: int, tokens: int, repeats: int, mode: str) -> dict[str, Any]:
+def _batch(vocab: int, rows: int, tokens: int) -> dict[str, Any]:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    from retrain.trainer.experience import completion_logps
+    generator = torch.Generator().manual_seed(0)
+    return {
+        "prompt_ids": torch.randint(4, vocab, (rows, PROMPT), generator=generator),
+        "completion_ids": torch.randint(4, vocab, (rows, tokens), generator=generator),
+        "advantages": torch.tensor([1.0, -1.0] * (rows // 2) + [1.0] * (rows % 2)),
+    }
 
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=vocab, hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4, tie_word_embeddings=True,
-    ))
-    ids = torch.randint(0, vocab, (rows, 16 + tokens))
-    mask = torch.ones_like(ids)
-    chunk = _chunk(vocab) if mode == "chunked" else None
-    seconds = []
-    for _ in range(0 if mode == "baseline" else repeats + 1):
-        model.zero_grad(set_to_none=True)
-        started = time.perf_counter()
-        logps, entropy = completion_logps(
-            model, ids, mask, tokens, temperature=0.9, with_entropy=True, entropy_grad=True, chunk_size=chunk,
+
+def _loss_pass(model_dir: str, vocab: int, rows: int, tokens: int, mode: str) -> Any:
+    """A callable running one forward + backward of `mode`'s loss on the fixed batch."""
+    import torch
+
+    b = _batch(vocab, rows, tokens)
+    if mode == "trl":
+        from datasets import Dataset
+        from trl import GRPOConfig, GRPOTrainer
+
+        scratch = tempfile.mkdtemp()
+        config = GRPOConfig(
+            output_dir=scratch, report_to="none", use_cpu=True, loss_type="dapo", beta=0.0, temperature=TEMPERATURE,
+            per_device_train_batch_size=rows, num_generations=rows, max_completion_length=tokens, disable_tqdm=True,
         )
-        (logps.sum() + 0.01 * entropy.sum()).backward()
+        trainer = GRPOTrainer(
+            model=model_dir, reward_funcs=lambda completions, **_: [0.0] * len(completions), args=config,
+            train_dataset=Dataset.from_list([{"prompt": "a"}]),
+        )
+        inputs = {
+            "prompt_ids": b["prompt_ids"], "prompt_mask": torch.ones_like(b["prompt_ids"]),
+            "completion_ids": b["completion_ids"], "completion_mask": torch.ones_like(b["completion_ids"]),
+            "advantages": b["advantages"], "num_items_in_batch": torch.tensor(float(rows * tokens)),
+        }
+        model = trainer.model.train()
+        trainer.current_gradient_accumulation_steps = 1  # set by its training loop; one micro-batch per step here
+
+        def step() -> float:
+            model.zero_grad(set_to_none=True)
+            loss = trainer._compute_loss(model, inputs)
+            loss.backward()
+            return float(loss)
+
+        return step
+
+    from retrain import GRPOTrainer, PolicyConfig, RewardCalculator, RewardSpec
+    from retrain.trainer.experience import Experience
+
+    algo = GRPOTrainer(
+        policy=PolicyConfig(name_or_path=model_dir), reward=RewardCalculator([RewardSpec(name="regex_match", kwargs={"pattern": "a"})]),
+        num_generations=rows, max_completion_length=tokens, temperature=TEMPERATURE, loss_type="dapo", full_logits=mode == "full",
+    )
+    algo.configure_model()
+    input_ids = torch.cat([b["prompt_ids"], b["completion_ids"]], 1)
+    experience = Experience(
+        input_ids=input_ids, attention_mask=torch.ones_like(input_ids), completion_mask=torch.ones(rows, tokens),
+        rewards=torch.zeros(rows), advantages=b["advantages"], group_std=torch.ones(rows),
+    )
+
+    def step() -> float:
+        algo.policy.zero_grad(set_to_none=True)
+        loss = algo.compute_loss(experience)[0]
+        loss.backward()
+        return float(loss)
+
+    return step
+
+
+def child(model_dir: str, vocab: int, rows: int, tokens: int, repeats: int, mode: str) -> dict[str, Any]:
+    step = _loss_pass(model_dir, vocab, rows, tokens, mode)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # ru_maxrss is KiB on Linux
+    seconds = []
+    for _ in range(repeats + 1 if repeats else 1):
+        started = time.perf_counter()
+        loss = step()
         seconds.append(time.perf_counter() - started)
-    return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "seconds": seconds[1:]}
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"setup_rss_mb": before, "peak_rss_mb": peak, "pass_mb": peak - before, "seconds": seconds[1:] if repeats else [], "loss": loss}
 
 
 def _chunk(vocab: int) -> int:
@@ -61,31 +125,35 @@ def _chunk(vocab: int) -> int:
     return default_chunk_size(vocab)
 
 
-def run(vocab: int, rows: int, tokens: int, repeats: int, mode: str) -> dict[str, Any]:
-    command = [sys.executable, __file__, "--child", mode, "--vocab", str(vocab), "--rows", str(rows), "--tokens", str(tokens), "--repeats", str(repeats)]
-    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+def run(model_dir: str, vocab: int, rows: int, tokens: int, repeats: int, mode: str) -> dict[str, Any]:
+    command = [sys.executable, __file__, "--child", mode, "--model-dir", model_dir, "--vocab", str(vocab), "--rows", str(rows),
+               "--tokens", str(tokens), "--repeats", str(repeats)]
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **CHILD_ENV})
     if done.returncode != 0:
-        raise RuntimeError(f"{mode} at vocab {vocab} failed:\n{done.stderr[-3000:]}")
+        raise RuntimeError(f"{mode} at vocab {vocab}, {tokens} tokens failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def markdown(record: dict[str, Any]) -> str:
     c = record["config"]
     lines = [
-        f"# The loss's log-prob pass: full logits vs chunked ({record['commit']}, {record['machine']['summary']})",
+        f"# The loss pass at real vocabulary sizes: retrain vs TRL ({record['commit']}, {record['machine']['summary']})",
         "",
-        f"`small` body (hidden 256, 4 layers), {c['rows']} rows x {c['tokens']} completion tokens, forward + backward of "
-        f"`completion_logps` with entropy, median of {c['repeats']}.",
+        f"`small` body (hidden 256, 4 layers), {c['rows']} rows x (16 prompt + N completion) tokens, one forward and backward "
+        f"of each library's GRPO loss (dapo, temperature {TEMPERATURE}); seconds: median of {c['repeats']} after a warm-up"
+        + (" (not timed: one pass, memory only)" if not c["repeats"] else "") + ". Pass MB: peak RSS above the model and batch alone.",
         "",
-        "| vocab | chunk | full s | chunked s | full pass MB | chunked pass MB | memory chunked / full |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| vocab | completion tokens | chunk | " + " | ".join(f"{LABELS[m]} pass MB" for m in MODES)
+        + " | chunked / TRL memory | " + " | ".join(f"{LABELS[m]} s" for m in MODES) + " |",
+        "| ---: | ---: | ---: | " + " | ".join("---:" for _ in MODES) + " | ---: | " + " | ".join("---:" for _ in MODES) + " |",
     ]
-    for vocab, r in record["results"].items():
-        base = r["baseline"]["peak_rss_mb"]
-        full, chunked = r["full"]["peak_rss_mb"] - base, r["chunked"]["peak_rss_mb"] - base
+    for key, r in record["results"].items():
+        vocab, tokens = key.split("x")
+        memory = {m: r[m]["pass_mb"] for m in MODES}
+        seconds = {m: f"{statistics.median(r[m]['seconds']):.2f}" if r[m]["seconds"] else "-" for m in MODES}
         lines.append(
-            f"| {int(vocab):,} | {r['chunk']} | {statistics.median(r['full']['seconds']):.3f} | {statistics.median(r['chunked']['seconds']):.3f} | "
-            f"{full:.0f} | {chunked:.0f} | {chunked / max(full, 1e-9):.2f} |"
+            f"| {int(vocab):,} | {int(tokens):,} | {r['chunk']} | " + " | ".join(f"{memory[m]:.0f}" for m in MODES)
+            + f" | {memory['chunked'] / max(memory['trl'], 1e-9):.2f} | " + " | ".join(seconds[m] for m in MODES) + " |"
         )
     return "\n".join(lines) + "\n"
 
@@ -94,19 +162,29 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vocab", type=int, nargs="+", default=[32_000, 151_936])
     parser.add_argument("--rows", type=int, default=16)
-    parser.add_argument("--tokens", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[512], help="completion lengths to run")
+    parser.add_argument("--repeats", type=int, default=3, help="timed passes after a warm-up (0: one untimed pass)")
     parser.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"))
     parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(child(args.vocab[0], args.rows, args.tokens, args.repeats, args.child)))
+        print(json.dumps(child(args.model_dir, args.vocab[0], args.rows, args.tokens[0], args.repeats, args.child)))
         return
+    from retrain.models.tiny import TinyModelConfig, build_tiny_model
+
     load_before = os.getloadavg()[0]
     results = {}
-    for vocab in args.vocab:
-        results[str(vocab)] = {mode: run(vocab, args.rows, args.tokens, args.repeats, mode) for mode in MODES}
-        results[str(vocab)]["chunk"] = _chunk(vocab)
+    with tempfile.TemporaryDirectory() as scratch:
+        for vocab in args.vocab:
+            model_dir = str(build_tiny_model(
+                Path(scratch) / f"v{vocab}",
+                TinyModelConfig(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=1024,
+                                max_position_embeddings=PROMPT + max(args.tokens), vocab_size=vocab),
+            ))
+            for tokens in args.tokens:
+                results[f"{vocab}x{tokens}"] = {mode: run(model_dir, vocab, args.rows, tokens, args.repeats, mode) for mode in MODES}
+                results[f"{vocab}x{tokens}"]["chunk"] = _chunk(vocab)
     import torch
 
     record = {

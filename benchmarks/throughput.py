@@ -110,9 +110,15 @@ class Spec:
     device: str = "cpu"  # "cpu" or "cuda"
     dtype: str = "float32"  # weights (and compute) in both libraries: "float32" or "bfloat16"
     compile: bool = False  # retrain's PolicyConfig.compile (the loss's forward through torch.compile)
+    end_probability: float = 0.0  # > 0: natural lengths (each token ends the completion with this chance); 0: forced to full length
+
+    @property
+    def natural_lengths(self) -> bool:
+        return self.end_probability > 0
 
     @property
     def completion_tokens_per_step(self) -> int:
+        """Forced lengths: exactly this; natural lengths: at most this."""
         return self.prompts * self.generations * self.completion_length
 
 
@@ -166,7 +172,8 @@ def run_retrain(spec: Spec) -> dict[str, Any]:
             return TimedSampler(
                 self.policy, self.tokenizer, max_new_tokens=h.max_completion_length,
                 temperature=temperature or h.temperature, top_p=h.top_p, top_k=h.top_k,
-                min_new_tokens=h.max_completion_length, backend=h.generation_backend, engine=self.start_engine(),
+                min_new_tokens=0 if spec.natural_lengths else h.max_completion_length,
+                backend=h.generation_backend, engine=self.start_engine(),
             )
 
         def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
@@ -244,7 +251,8 @@ def run_trl(spec: Spec, scratch: str) -> dict[str, Any]:
         # micro-batches of `micro_batch_size`, accumulated into one optimizer step; TRL generates the
         # whole step's rollouts in one call (steps_per_generation defaults to gradient_accumulation_steps)
         per_device_train_batch_size=micro, gradient_accumulation_steps=rollouts // micro, num_generations=spec.generations,
-        max_completion_length=spec.completion_length, generation_kwargs={"min_new_tokens": spec.completion_length},
+        max_completion_length=spec.completion_length,
+        generation_kwargs={} if spec.natural_lengths else {"min_new_tokens": spec.completion_length},
         learning_rate=spec.learning_rate, lr_scheduler_type="constant", max_steps=spec.steps + 1,
         beta=spec.beta, loss_type="dapo",
     )
@@ -300,16 +308,19 @@ def _peak_gpu_mb(spec: Spec) -> float | None:
 
 
 # ---------------------------------------------------------------------------------------- parent
-def build_model(directory: Path, size: str) -> dict[str, Any]:
+def build_model(directory: Path, size: str, vocab_size: int = 0, end_probability: float = 0.0) -> dict[str, Any]:
     """Write the model once; return its shape and parameter counts for the FLOP floor."""
     import torch
 
     from retrain.models.tiny import TinyModelConfig, build_tiny_model
 
-    build_tiny_model(directory, TinyModelConfig(**MODEL_SIZES[size]))
+    build_tiny_model(directory, TinyModelConfig(**MODEL_SIZES[size], vocab_size=vocab_size or None))
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(directory)
+    if end_probability:
+        set_end_probability(model, end_probability)
+        model.save_pretrained(directory)
     body = sum(m.weight.numel() for m in model.model.modules() if isinstance(m, torch.nn.Linear))
     config = model.config
     return {
@@ -319,10 +330,43 @@ def build_model(directory: Path, size: str) -> dict[str, Any]:
     }
 
 
-def step_flops(model: dict[str, Any], spec: Spec, prompt_length: int) -> dict[str, float]:
-    """Matmul FLOPs of one step (see the module docstring for the formula)."""
+def set_end_probability(model: Any, probability: float) -> None:
+    """Edit a randomly initialised tied-embedding Llama so that, at every position, the end-of-sequence
+    token has about `probability` (completion lengths then are geometric, mean ~1 / probability,
+    like both libraries sampling a model that ends its answers): natural lengths, the same
+    distribution for both libraries, and a model body of unchanged shape and cost.
+
+    How: residual dimension 0 carries a constant (1 in every token's embedding; no attention or MLP
+    output writes to it), so after the final norm it is about the same large value h0 everywhere.
+    Through the tied head it adds `1 * h0` to every token's logit (a shift softmax ignores) and
+    `(1 + g) * h0` to the end token's: its logit leads by g * h0, with g solved for `probability`
+    from h0 measured on random sequences.
+    """
+    import math
+
+    import torch
+
+    eos = model.config.eos_token_id
+    vocab = model.config.vocab_size
+    embedding = model.get_input_embeddings().weight  # tied: the head's weight too
+    with torch.no_grad():
+        embedding[:, 0] = 1.0
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight[0] = 0.0
+            layer.mlp.down_proj.weight[0] = 0.0
+        generator = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, vocab, (8, 64), generator=generator)
+        h0 = model.model(input_ids=ids).last_hidden_state[..., 0].mean()
+        lead = math.log(probability / (1 - probability) * (vocab - 1))  # logit lead for that probability over V - 1 peers
+        embedding[eos, 0] += lead / float(h0)
+
+
+def step_flops(model: dict[str, Any], spec: Spec, prompt_length: int, completion_length: float | None = None) -> dict[str, float]:
+    """Matmul FLOPs of one step (see the module docstring for the formula); natural lengths: at
+    `completion_length`, the mean measured one (real tokens only, as if nothing were padded)."""
     d, layers, vocab, weights = model["hidden_size"], model["num_layers"], model["vocab_size"], model["decoder_linear_parameters"]
-    batch, p, n = spec.prompts * spec.generations, prompt_length, spec.completion_length
+    batch, p = spec.prompts * spec.generations, prompt_length
+    n = max(1, round(completion_length)) if completion_length else spec.completion_length
     s = p + n
 
     def attn_sum(first: int, last: int) -> float:  # sum of attn(k) for k = first..last
@@ -359,12 +403,18 @@ def matmul_rate(device: str = "cpu", dtype: str = "float32", repeats: int = 3, t
 
 def run_child(library: str, spec: Spec) -> dict[str, Any]:
     result = run_script_child(__file__, library, spec)
-    expected = [spec.completion_length] * (spec.prompts * spec.generations)
-    if len(result["completion_lengths"]) != spec.steps + 1 or any(sorted(lengths) != expected for lengths in result["completion_lengths"]):
-        raise RuntimeError(f"{library}: completions were not all {spec.completion_length} tokens: {result['completion_lengths']}")
+    steps = result["completion_lengths"]
+    rows = spec.prompts * spec.generations
+    if len(steps) != spec.steps + 1 or any(len(lengths) != rows for lengths in steps):
+        raise RuntimeError(f"{library}: expected {spec.steps + 1} steps of {rows} completions: {steps}")
+    if not spec.natural_lengths and any(sorted(lengths) != [spec.completion_length] * rows for lengths in steps):
+        raise RuntimeError(f"{library}: completions were not all {spec.completion_length} tokens: {steps}")
+    if spec.natural_lengths and any(max(lengths) > spec.completion_length for lengths in steps):
+        raise RuntimeError(f"{library}: a completion ran past {spec.completion_length} tokens: {steps}")
     if len(result["step_seconds"]) != spec.steps:
         raise RuntimeError(f"{library}: timed {len(result['step_seconds'])} steps, expected {spec.steps}")
-    result["completion_tokens_per_step"] = [sum(lengths) for lengths in result.pop("completion_lengths")]
+    # the timed steps' trained completion tokens (the warm-up step's are dropped with its time)
+    result["completion_tokens_per_step"] = [sum(lengths) for lengths in result.pop("completion_lengths")][1:]
     return result
 
 
@@ -373,9 +423,12 @@ def summarize(runs: list[dict[str, Any]], spec: Spec, floor_seconds: float) -> d
     for library in LIBRARIES:
         mine = [r for r in runs if r["library"] == library]
         seconds = statistics.median([t for r in mine for t in r["step_seconds"]])
+        tokens = sum(n for r in mine for n in r["completion_tokens_per_step"])
         rows[library] = {
             "seconds_per_step": seconds,
-            "completion_tokens_per_second": spec.completion_tokens_per_step / seconds,
+            # natural lengths: total tokens over total time, since steps differ in work
+            "completion_tokens_per_second": tokens / sum(t for r in mine for t in r["step_seconds"]),
+            "completion_tokens_per_step": tokens / sum(len(r["step_seconds"]) for r in mine),
             "peak_rss_mb": max(r["peak_rss_mb"] for r in mine),
             **({"peak_gpu_mb": max(r["peak_gpu_mb"] for r in mine)} if spec.device == "cuda" else {}),
             "fraction_of_flop_floor": floor_seconds / seconds,
@@ -409,8 +462,11 @@ def markdown(record: dict[str, Any]) -> str:
         f"# GRPO step throughput: retrain vs TRL ({record['commit']}, {record['machine']['summary']})",
         "",
         f"Model `{m['size']}`: {m['parameters'] / 1e6:.2f}M parameters (hidden {m['hidden_size']}, {m['num_layers']} layers, "
-        f"vocab {m['vocab_size']}). {c['prompts']} prompts x {c['generations']} generations x {c['completion_length']} "
-        f"completion tokens (prompt {c['prompt_length']} tokens), {c.get('dtype', 'float32')} on {c.get('device', 'cpu')}, "
+        f"vocab {m['vocab_size']:,}). {c['prompts']} prompts x {c['generations']} generations x "
+        + (f"natural completion lengths (each token ends it with probability {c['end_probability']}, at most "
+           f"{c['completion_length']}; TRL's and retrain's mean tokens per step below)"
+           if c.get("end_probability") else f"{c['completion_length']} completion tokens")
+        + f" (prompt {c['prompt_length']} tokens), {c.get('dtype', 'float32')} on {c.get('device', 'cpu')}, "
         f"beta {c['beta']}, micro-batch "
         f"{c.get('micro_batch_size') or 'all'}, retrain generation_backend {c.get('generation_backend', 'auto')}, "
         f"retrain policy.compile {c.get('compile', False)}, {c['steps']} timed steps after 1 warm-up, "
@@ -420,15 +476,19 @@ def markdown(record: dict[str, Any]) -> str:
     ]
     gpu = "peak_gpu_mb" in rows["trl"]
     lines += [
-        "| library | s/step (median) | completion tok/s | peak RSS MB |" + (" peak GPU MB |" if gpu else "")
-        + " % of FLOP floor | s/step vs TRL | CPU s/step |",
-        "| --- | ---: | ---: | ---: |" + (" ---: |" if gpu else "") + " ---: | ---: | ---: |",
+        "| library | s/step (median) | completion tok/step | completion tok/s | tok/s vs TRL | peak RSS MB | RSS vs TRL |"
+        + (" peak GPU MB |" if gpu else "") + " % of FLOP floor | s/step vs TRL | CPU s/step |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: |" if gpu else "") + " ---: | ---: | ---: |",
     ]
     for library in LIBRARIES:
         r = rows[library]
         ratio = r["seconds_per_step"] / rows["trl"]["seconds_per_step"]
+        tokens = r.get("completion_tokens_per_step", c["completion_tokens_per_step"])
+        speed = r["completion_tokens_per_second"] / rows["trl"]["completion_tokens_per_second"]
+        memory = r["peak_rss_mb"] / rows["trl"]["peak_rss_mb"]
         lines.append(
-            f"| {library} | {r['seconds_per_step']:.3f} | {r['completion_tokens_per_second']:.0f} | {r['peak_rss_mb']:.0f} |"
+            f"| {library} | {r['seconds_per_step']:.3f} | {tokens:.0f} | {r['completion_tokens_per_second']:.0f} | {speed:.2f}x | "
+            f"{r['peak_rss_mb']:.0f} | {memory:.2f}x |"
             + (f" {r['peak_gpu_mb']:.0f} |" if gpu else "")
             + f" {100 * r['fraction_of_flop_floor']:.1f}% | {ratio:.2f}x | {r['cpu_seconds_per_step']:.3f} |"
         )
@@ -442,7 +502,8 @@ def markdown(record: dict[str, Any]) -> str:
     load = record["machine"]["load_average_1min"]
     lines += [
         "",
-        f"s/step vs TRL < 1 means retrain is faster. CPU s/step is the process's CPU time (all threads) per step, "
+        f"s/step vs TRL < 1 and tok/s vs TRL > 1 mean retrain is faster (with natural lengths the steps differ in work: "
+        f"compare tok/s). CPU s/step is the process's CPU time (all threads) per step, "
         f"less sensitive than wall time to other work on the machine (1-minute load average {load['start']:.1f} at the "
         f"start, {load['end']:.1f} at the end, on {record['machine']['cpu_count']} CPUs).",
     ]
@@ -457,6 +518,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--generations", type=int, default=8, help="num_generations (rollouts per prompt)")
     parser.add_argument("--completion-length", type=int, default=128, help="max_completion_length; every completion is forced to it")
     parser.add_argument("--model-size", choices=sorted(MODEL_SIZES), default="small")
+    parser.add_argument("--vocab-size", type=int, default=0,
+                        help="pad the model's character vocabulary with unused tokens to this size (0: characters only, 100)")
+    parser.add_argument("--end-probability", type=float, default=0.0,
+                        help="> 0: natural completion lengths, each token ending the completion with about this probability "
+                             "(capped at --completion-length); 0: every completion forced to --completion-length")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where both libraries train")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                         help="both libraries' weights and compute (bfloat16: retrain precision bf16-true, TRL bf16=True)")
@@ -488,10 +554,11 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
               "inflate these timings (multi-threaded small ops suffer most).", file=sys.stderr)
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = Path(scratch) / "model"
-        model = build_model(model_dir, args.model_size)
+        model = build_model(model_dir, args.model_size, args.vocab_size, args.end_probability)
         spec = Spec(str(model_dir), args.prompts, args.generations, args.completion_length, args.steps, args.learning_rate,
                     args.beta, args.threads, generation_backend=args.retrain_generation_backend,
-                    micro_batch_size=args.micro_batch_size, device=args.device, dtype=args.dtype, compile=args.retrain_compile)
+                    micro_batch_size=args.micro_batch_size, device=args.device, dtype=args.dtype, compile=args.retrain_compile,
+                    end_probability=args.end_probability)
         if args.micro_batch_size and spec.prompts * spec.generations % args.micro_batch_size:
             raise SystemExit(f"--micro-batch-size {args.micro_batch_size} must divide prompts x generations")
         prompt_length = len(AutoTokenizer.from_pretrained(model_dir)(prompt_records(1)[0]["prompt"])["input_ids"])
@@ -501,14 +568,19 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             for library in LIBRARIES if repeat % 2 == 0 else LIBRARIES[::-1]:
                 runs.append({**run_child(library, spec), "repeat": repeat})
         rate = max(rate, matmul_rate(args.device, args.dtype))  # once more at the end: the better of the two
-    flops = step_flops(model, spec, prompt_length)
+    mean_length = None
+    if spec.natural_lengths:  # both libraries' mean completion length over the timed steps
+        per_step = [n for r in runs for n in r["completion_tokens_per_step"]]
+        mean_length = sum(per_step) / len(per_step) / (spec.prompts * spec.generations)
+    flops = step_flops(model, spec, prompt_length, mean_length)
     floor = flops["total"] / rate
     return {
         "benchmark": "throughput",
         "commit": commit(),
         "machine": machine(load_before[0], torch.get_num_threads(), args.device),
         "config": {**{k: v for k, v in asdict(spec).items() if k != "model_dir"}, "repeats": args.repeats,
-                   "prompt_length": prompt_length, "completion_tokens_per_step": spec.completion_tokens_per_step},
+                   "prompt_length": prompt_length, "completion_tokens_per_step": spec.completion_tokens_per_step,
+                   "vocab_size": model["vocab_size"], "mean_completion_length": mean_length},
         "model": model,
         "flop_floor": {"flops_per_step": flops["total"], "by_phase": flops, "matmul_gflops": rate / 1e9, "seconds": floor},
         "results": summarize(runs, spec, floor),

@@ -22,6 +22,23 @@ pytest.importorskip("trl")
 pytest.importorskip("datasets")
 
 
+def test_throughput_with_a_padded_vocabulary_and_natural_lengths_smoke(tmp_path: Path) -> None:
+    command = [
+        sys.executable, str(REPO / "benchmarks" / "throughput.py"), "--steps", "2", "--repeats", "1", "--model-size", "tiny",
+        "--generations", "4", "--prompts", "2", "--completion-length", "24", "--vocab-size", "2000", "--end-probability", "0.1",
+        "--out-dir", str(tmp_path),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    record = json.loads((tmp_path / "throughput.json").read_text())
+    assert record["config"]["vocab_size"] == record["model"]["vocab_size"] == 2000
+    # the end token's edited logit gives lengths around 1 / 0.1 (capped at 24): far below the cap, and varied
+    assert 3 < record["config"]["mean_completion_length"] < 18
+    for library in ("retrain", "trl"):
+        assert 0 < record["results"][library]["completion_tokens_per_step"] < 2 * 4 * 24
+    assert "natural completion lengths" in (tmp_path / "throughput.md").read_text()
+
+
 def test_throughput_smoke(tmp_path: Path) -> None:
     command = [
         sys.executable, str(REPO / "benchmarks" / "throughput.py"), "--steps", "2", "--repeats", "1", "--model-size", "tiny",
@@ -42,7 +59,7 @@ def test_throughput_smoke(tmp_path: Path) -> None:
             assert math.isfinite(row[key]) and row[key] > 0, (library, key, row[key])
         runs = [r for r in record["runs"] if r["library"] == library]
         assert len(runs) == 1 and len(runs[0]["step_seconds"]) == 2
-        assert runs[0]["completion_tokens_per_step"] == [16, 16, 16]  # warm-up + 2 timed steps, all full length
+        assert runs[0]["completion_tokens_per_step"] == [16, 16]  # the 2 timed steps, all full length
     assert all(math.isfinite(v) and v > 0 for v in record["results"]["retrain"]["ratio_vs_trl"].values())
     assert record["flop_floor"]["flops_per_step"] > 0 and record["model"]["parameters"] > 0
     split = record["retrain_breakdown"]  # where retrain's step goes: every phase measured, none over the step
@@ -111,7 +128,9 @@ def test_lm_head_smoke(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-4000:]
     record = json.loads((tmp_path / "lm_head.json").read_text())
     assert json.loads(done.stdout.strip().splitlines()[-1])["results"] == record["results"]
-    row = record["results"]["100"]
-    for mode in ("full", "chunked"):
+    row = record["results"]["100x8"]
+    for mode in ("full", "chunked", "trl"):  # both libraries' loss paths ran
         assert row[mode]["peak_rss_mb"] > 0 and len(row[mode]["seconds"]) == 1 and math.isfinite(row[mode]["seconds"][0])
-    assert "| 100 |" in (tmp_path / "lm_head.md").read_text()
+    assert row["chunked"]["loss"] == pytest.approx(row["trl"]["loss"], abs=1e-5)  # the same loss, computed two ways
+    assert row["full"]["loss"] == pytest.approx(row["trl"]["loss"], abs=1e-5)
+    assert "| 100 | 8 |" in (tmp_path / "lm_head.md").read_text()

@@ -199,3 +199,14 @@ def test_load_policy_dtype(tiny_dir, dtype, expected):
     model = load_policy(PolicyConfig(name_or_path=str(tiny_dir), dtype=dtype))
     assert model.dtype == expected
     assert all(p.dtype == expected for p in model.parameters())
+
+
+def test_a_padded_vocabulary_keeps_encoding_per_character_and_decodes_the_fillers(tmp_path):
+    plain = build_char_tokenizer()
+    padded = build_char_tokenizer(vocab_size=1000)
+    assert len(padded) == 1000 and padded("repeat a: ").input_ids == plain("repeat a: ").input_ids
+    assert padded.decode([plain.convert_tokens_to_ids("a"), 999]) == "a<|extra_999|>"
+    model = load_policy(PolicyConfig(name_or_path=str(build_tiny_model(tmp_path / "m", TinyModelConfig(hidden_size=16, intermediate_size=32, vocab_size=1000)))))
+    assert model.config.vocab_size == 1000 and model.get_output_embeddings().weight.shape == (1000, 16)
+    with pytest.raises(ValueError, match="vocab_size=10"):
+        build_char_tokenizer(vocab_size=10)

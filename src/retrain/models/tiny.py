@@ -11,6 +11,7 @@ import os
 import shutil
 import string
 from dataclasses import dataclass
+from typing import Optional
 from pathlib import Path
 
 import torch
@@ -36,6 +37,9 @@ class TinyModelConfig:
         intermediate_size: MLP width.
         max_position_embeddings: the longest sequence the model is built for.
         seed: initialisation seed, so the same config always gives the same weights.
+        vocab_size: pad the character vocabulary with unused tokens (`<|extra_N|>`, never produced
+            by encoding, but sampled and decoded like any other) up to this size: a tiny model with
+            a real model's LM-head and sampling cost (e.g. 151,936, Qwen's). None: characters only.
     """
 
     hidden_size: int = 64
@@ -44,13 +48,19 @@ class TinyModelConfig:
     intermediate_size: int = 128
     max_position_embeddings: int = 512
     seed: int = 0
+    vocab_size: Optional[int] = None
 
 
-def build_char_tokenizer() -> PreTrainedTokenizerFast:
-    """A character-level tokenizer: one token per character, plus pad/unk/bos/eos."""
+def build_char_tokenizer(vocab_size: Optional[int] = None) -> PreTrainedTokenizerFast:
+    """A character-level tokenizer: one token per character, plus pad/unk/bos/eos (and unused
+    filler tokens up to `vocab_size`, see `TinyModelConfig.vocab_size`)."""
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS.values())}
     for character in CHARACTERS:
         vocab.setdefault(character, len(vocab))
+    if vocab_size is not None and vocab_size < len(vocab):
+        raise ValueError(f"vocab_size={vocab_size}: the character vocabulary alone has {len(vocab)} tokens.")
+    for filler in range(len(vocab), vocab_size or 0):
+        vocab[f"<|extra_{filler}|>"] = filler  # unreachable without merges: encoding stays per character
     # BPE with no merges splits text into single characters; Fuse joins them back without spaces.
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=SPECIAL_TOKENS["unk_token"]))
     backend.decoder = decoders.Fuse()
@@ -63,7 +73,7 @@ def build_tiny_model(directory: str | Path, config: TinyModelConfig | None = Non
     """Write a freshly initialised tiny model and its tokenizer to `directory`; return the path."""
     config = config or TinyModelConfig()
     directory = Path(directory)
-    tokenizer = build_char_tokenizer()
+    tokenizer = build_char_tokenizer(config.vocab_size)
     model_config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=config.hidden_size,

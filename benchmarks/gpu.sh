@@ -10,6 +10,9 @@
 #   STEPS=3 REPEATS=1 bash benchmarks/gpu.sh throughput   # a shorter throughput run
 #   bash benchmarks/gpu.sh compile               # policy.compile on the GPU (not in the default parts:
 #                                                # ~4 more minutes; run it as a second call)
+#   bash benchmarks/gpu.sh vocab                 # a real vocabulary: a Qwen2.5-0.5B-shaped model (vocab 151,936,
+#                                                # random init), bf16, natural lengths, retrain vs TRL (~6 minutes;
+#                                                # not in the default parts: run it as a second call)
 # The wheels (the device image had torch 2.11, lightning 2.6.6, peft and pyarrow 25, but no trl,
 # datasets or jsonargparse, and transformers 5.17), fetched here once per session into an ignored .whl/:
 #   echo /.whl/ >> .git/info/exclude; pip download --no-deps --only-binary=:all: --python-version 3.12 \
@@ -121,6 +124,14 @@ losses = [float(r['train/loss']) for r in rows if r.get('train/loss')]
 assert len(losses) == 10 and all(map(math.isfinite, losses)), losses
 print('compiled FSDP2: 10 finite losses')"
     results+=("compiled fsdp2 quickstart: exit $?")
+  fi
+
+  if want vocab; then
+    step "real vocabulary: Qwen2.5-0.5B's shape (vocab 151,936), bf16, natural lengths (end probability 1/200, at most 512)"
+    timeout 420 python3 benchmarks/throughput.py --device cuda --dtype bfloat16 --model-size qwen05 --vocab-size 151936 \
+      --end-probability 0.005 --completion-length 512 --prompts 8 --generations 8 --steps "${STEPS:-3}" --repeats 1 \
+      --out-dir "$OUT/vocab"
+    results+=("real vocabulary throughput: exit $?")
   fi
 
   step "summary"

@@ -14,6 +14,10 @@
         --completion-length 4                      # smoke test (tests/test_benchmarks.py)
     python benchmarks/throughput.py --device cuda --dtype bfloat16 --model-size medium --prompts 8 --generations 8
                                                    # on a GPU: a 113M model in bf16 (benchmarks/gpu.sh)
+    python benchmarks/throughput.py --vocab-size 151936 --end-probability 0.01 --completion-length 256 \
+        --prompts 4 --generations 4 --steps 3 --repeats 1 --out-dir benchmarks/results/vocab_151936
+                                                   # a real vocabulary, natural lengths (add --micro-batch-size 4:
+                                                   # both libraries 4 rollouts per pass)
 
 Run it on an otherwise idle machine: with other processes on the cores, every multi-threaded small
 op waits for a descheduled thread and wall times inflate many-fold (`--threads 1` is far less
@@ -28,7 +32,14 @@ no activation checkpointing, one optimizer step per generation. Each library kee
 optimizer implementation (TRL/transformers: fused AdamW; retrain: torch.optim.AdamW) and its own
 loop, because that is what a user of each runs.
 
-Equal work: every completion is forced to exactly `--completion-length` tokens. retrain's
+Real vocabularies and natural lengths (`--vocab-size`, `--end-probability`): the character
+vocabulary is padded with unused tokens to `--vocab-size` (`TinyModelConfig.vocab_size`: the LM
+head and the sampling then cost what a real model's do), and the model's end-of-sequence logit is
+edited so that each token ends the completion with about `--end-probability` (`set_end_probability`):
+lengths are geometric, capped at `--completion-length`, the same distribution for both libraries.
+The libraries then draw different lengths, so compare tokens per second, not seconds per step.
+
+Equal work (the default): every completion is forced to exactly `--completion-length` tokens. retrain's
 `BatchingSampler(min_new_tokens=...)` (through a `GRPOTrainer` subclass overriding `make_sampler`)
 and TRL's `GRPOConfig(generation_kwargs={"min_new_tokens": ...})` both suppress the end-of-sequence
 token until the budget is reached, so neither can stop early; each run checks afterwards that every
@@ -89,6 +100,9 @@ MODEL_SIZES = {  # TinyModelConfig fields
     "small": {"hidden_size": 256, "num_layers": 4, "num_heads": 4, "intermediate_size": 1024},
     # GPU runs (--device cuda): 113M parameters, GPT-2 small's width and depth with a Llama block
     "medium": {"hidden_size": 768, "num_layers": 12, "num_heads": 12, "intermediate_size": 3072},
+    # GPU runs with --vocab-size 151936: Qwen2.5-0.5B's body (hidden 896, 24 layers, MLP 4864; 14 heads, all
+    # of them key/value heads here), ~0.5B parameters with that vocabulary
+    "qwen05": {"hidden_size": 896, "num_layers": 24, "num_heads": 14, "intermediate_size": 4864, "max_position_embeddings": 2048},
 }
 
 

@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 ALLOWED = [
     r"GPU available: (True|False), used: (True|False)",
     r"retrain: built a new tiny model \(random weights; 2 layers, width 64\) at outputs/tiny-char-llama, because .*",
-    r"retrain: GRPOTrainer training LlamaForCausalLM \(.* parameters, .* trainable, float32\) on cpu x 1; sampling with retrain's KV-cached decoder",
+    r"retrain: GRPOTrainer training LlamaForCausalLM \(.* parameters, .* trainable, float32\) on cpu x 1; loss log-probs: the LM head in chunks; sampling with retrain's KV-cached decoder",
     r"retrain: 4 steps in [\d.]+ s\. train/reward: first 1 steps [\d.]+ -> last 1 steps [\d.]+( \([\d.]+x\))?\. Curve: outputs/quickstart/reward_curve\.png",
     r"train\s.*4/4.*",  # the progress bar (its last frame, when stdout is not a terminal)
     r"reward: [\d.]+",  # the bar's second line

@@ -140,6 +140,27 @@ def _worker(rank: int, port: int, model_dir: str, results) -> None:
         moved = max((p - q).abs().max().item() for p, q in zip(single.policy.parameters(), unsharded.parameters()))
         gap = max((full[name] - p).abs().max().item() for name, p in single.policy.named_parameters())
 
+        # Token-budget passes: this rank's budget makes 4 passes of one row on rank 0 and one pass on
+        # rank 1; both must run 4 backwards (FSDP2 reduce-scatters in each), and the accumulated
+        # gradient must be the whole batch's.
+        passes = _algo(model_dir)
+        passes._device_mesh = mesh
+        passes.configure_model()
+        passes.manual_backward = lambda loss: loss.backward()
+
+        def gradients():
+            return {name: p.grad.full_tensor().clone() for name, p in passes.policy.named_parameters() if p.grad is not None}
+
+        passes.policy.zero_grad()
+        passes.compute_loss(half, tokens / 2)[0].backward()
+        whole = gradients()
+        passes.policy.zero_grad()
+        passes.hparams.micro_batch_tokens = 1 if rank == 0 else 10**6
+        results[f"passes/{rank}"] = len(passes.micro_batches(half))
+        passes._accumulate_gradients(half, tokens / 2)
+        split = gradients()
+        results[f"passes_gap/{rank}"] = max((split[name] - grad).abs().max().item() for name, grad in whole.items())
+
         # LoRA: PEFT's `generate` bypasses its own forward (FSDP2's root); the reference is the
         # sharded base with the adapter off.
         lora = GRPOTrainer(
@@ -193,6 +214,12 @@ def test_an_update_on_half_the_experience_per_rank_equals_the_single_process_upd
         assert abs(r["loss"][0] - r["loss"][1]) < 1e-5, r
         assert abs(r["norm"][0] - r["norm"][1]) < 1e-5 * max(1.0, r["norm"][0]) and r["norm"][0] > 0.05, r  # clipping applied
         assert r["ref_gap"] < 1e-5 and r["weight_gap"] < 1e-5, r
+
+
+def test_ranks_needing_different_numbers_of_token_budget_passes_run_the_same_number_and_the_whole_gradient(spawned):
+    assert spawned["passes/0"] == spawned["passes/1"] == 4  # rank 1's one pass, stretched to rank 0's four
+    for rank in (0, 1):
+        assert spawned[f"passes_gap/{rank}"] < 1e-5
 
 
 def test_a_sharded_lora_policy_rolls_out_and_trains_against_its_base_as_reference(spawned):

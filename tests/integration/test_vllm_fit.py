@@ -57,7 +57,7 @@ def test_the_vllm_quickstart_config_trains_with_a_clean_console(tmp_path):
     allowed = [
         r"GPU available: (True|False), used: (True|False)",
         r"retrain: built a new tiny model \(random weights; 2 layers, width 128\) at outputs/tiny-char-llama-h64, because .*",
-        r"retrain: GRPOTrainer training LlamaForCausalLM \(.*\) on cpu x 1; sampling with vLLM [\d.]+\S* \(colocated, float32; the policy's weights pushed before each rollout phase\)",
+        r"retrain: GRPOTrainer training LlamaForCausalLM \(.*\) on cpu x 1; loss log-probs: the LM head in chunks; sampling with vLLM [\d.]+\S* \(colocated, float32; the policy's weights pushed before each rollout phase\)",
         r"retrain: 4 steps in [\d.]+ s\. train/reward: .*",
         r"train\s.*4/4.*", r"reward: [\d.]+", r"retrain: outputs", r"  checkpoints: outputs/quickstart_vllm/checkpoints",
         r"  W&B run: outputs/quickstart_vllm/wandb/offline-run-\S+ \(offline; upload with `wandb sync \S+`\)",
@@ -190,7 +190,7 @@ def test_each_rank_drives_its_own_engine_with_the_policys_current_weights(tmp_pa
     path.write_text(yaml.safe_dump(config))
     result = run_retrain(tmp_path, "fit", "--config", str(path), timeout=400)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "on cpu x 2; sampling with vLLM" in result.stderr + result.stdout
+    assert "on cpu x 2; loss log-probs: the LM head in chunks; sampling with vLLM" in result.stderr + result.stdout
     rows = [r for r in read_metrics(tmp_path / "out" / "csv") if r.get("train/reward")]
     assert sorted(int(float(r["step"])) for r in rows) == [1, 2, 3, 4]
     assert any(abs(float(r["train/loss"])) > 1e-6 for r in rows[:-1])  # the weights moved before the last rollout

@@ -100,8 +100,8 @@ def test_no_tensor_of_all_tokens_by_the_vocabulary_is_created_forward_or_backwar
 
 
 def test_the_default_chunk_bounds_a_chunks_logits():
-    assert default_chunk_size(151_936) * 151_936 <= 2**26 < (default_chunk_size(151_936) + 1) * 151_936
-    assert default_chunk_size(100) == 2**26 // 100
+    assert default_chunk_size(151_936) * 151_936 <= 2**24 < (default_chunk_size(151_936) + 1) * 151_936
+    assert default_chunk_size(100) == 2**24 // 100
     assert default_chunk_size(10**9) == 1
 
 
@@ -312,3 +312,40 @@ def test_the_trainers_default_loss_path_creates_no_tensor_of_all_completion_toke
     full, _, _ = largest(full_logits=True)
     assert full >= logits  # the full path does create them
     assert chunked <= chunk < logits / 10
+
+
+def test_the_run_says_which_log_prob_path_it_takes(tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from retrain.trainer.experience import logps_path
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert logps_path(model, full_logits=False, pack=False) == "the LM head in chunks"
+    assert logps_path(model, full_logits=True, pack=True) == "full logits (full_logits: true), rows packed"
+    adapted = get_peft_model(model, LoraConfig(r=2, target_modules=["lm_head"]))
+    assert logps_path(adapted, full_logits=False, pack=False) == "full logits (the head peft.tuners.lora.layer.Linear is not covered by the chunked head)"
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "lora"])
+@pytest.mark.parametrize("pack", [False, True])
+def test_trls_tiled_kernel_inside_the_same_head_gives_the_full_logits_results(tiny_model_dir, kind, pack):
+    from transformers import AutoModelForCausalLM
+
+    from retrain.trainer.experience import completion_logps
+
+    model = {"llama": lambda: AutoModelForCausalLM.from_pretrained(tiny_model_dir), "gpt2": _gpt2, "lora": lambda: _lora(tiny_model_dir)}[kind]()
+    ids, mask, completion_mask = _multi_turn_batch(model.config.vocab_size)
+    width = completion_mask.size(1)
+    full = _logps_and_grads(model, ids, mask, width, chunk=None)
+    model.zero_grad()
+    logps, entropy = completion_logps(
+        model, ids, mask, width, temperature=0.8, with_entropy=True, entropy_grad=True, chunk_size=16, pack=pack, kernel="trl",
+    )  # a vocabulary tile of 16: several tiles per row
+    ((logps * mask[:, -width:]).sum() + 0.1 * (entropy * mask[:, -width:]).sum()).backward()
+    keep = mask[:, -width:].bool()
+    torch.testing.assert_close(logps.detach()[keep], full[0][keep], rtol=0, atol=1e-5)
+    torch.testing.assert_close(entropy.detach()[keep], full[1][keep], rtol=0, atol=1e-5)
+    for name, parameter in model.named_parameters():
+        if name in full[2]:
+            torch.testing.assert_close(parameter.grad, full[2][name], rtol=1e-4, atol=1e-6, msg=name)

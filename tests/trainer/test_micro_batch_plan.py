@@ -33,3 +33,13 @@ def test_rows_longer_than_the_budget_get_a_pass_of_their_own_and_both_bounds_hol
     assert plan_micro_batches(PROMPTS, COMPLETIONS, max_tokens=5) == [[0], [2], [1], [3]]
     assert plan_micro_batches(PROMPTS, COMPLETIONS, max_tokens=100, max_rows=3) == [[0, 2, 1], [3]]
     assert plan_micro_batches([], [], max_tokens=10) == []
+
+
+def test_a_plan_stretched_to_more_passes_halves_the_widest_then_adds_empty_passes():
+    from retrain.trainer.micro_batches import stretch_plan
+
+    assert stretch_plan([[0, 1, 2, 3], [4]], 2) == [[0, 1, 2, 3], [4]]
+    assert stretch_plan([[0, 1, 2, 3], [4]], 3) == [[0, 1], [2, 3], [4]]
+    assert stretch_plan([[0, 1], [2]], 5) == [[0], [1], [2], [], []]
+    stretched = stretch_plan([[5, 6, 7]], 3)
+    assert sorted(i for rows in stretched for i in rows) == [5, 6, 7] and len(stretched) == 3

@@ -218,7 +218,7 @@ class VLLMEngine:
     def load_weights(self, weights: Iterator[tuple[str, torch.Tensor]], version: int) -> None:
         """Replace the engine's weights in place with `weights` (checkpoint names, as
         `policy_weights` yields them), and drop the prefix cache computed with the old ones."""
-        if self.sleeping and self.options.enable_sleep_mode:
+        if self.sleeping:  # only ever true with enable_sleep_mode
             self.llm.wake_up(tags=["weights"])
         # vLLM's own in-place reload: it re-runs each layer's post-load processing (e.g. the CPU
         # build's weight pre-packing), which a direct `model.load_weights` would skip.

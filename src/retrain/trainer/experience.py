@@ -179,6 +179,7 @@ def completion_logps(
     full_logits: bool = False,
     chunk_size: Optional[int] = None,
     pack: bool = False,
+    kernel: str = "retrain",
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Per-token log-probs `[N, C]` of the completion tokens (and their entropies, if asked).
 
@@ -190,6 +191,9 @@ def completion_logps(
     `chunk_size` tokens at a time (`retrain.trainer.lm_head`; default `default_chunk_size(V)`), for
     the real completion tokens only, so no `[N, C, V]` logits exist; padding gets 0. `full_logits`
     (or a head that path does not cover, `chunkable_head` is None) asks the model for all logits.
+
+    `kernel` "trl" computes the chunked head with TRL's `ChunkedLogProbFunction` instead (Triton on
+    CUDA; `chunk_size` is then its vocabulary tile).
 
     With `pack`, the rows' real tokens run as one sequence `[1, T]` without padding, position ids
     restarting per row; `transformers` then keeps attention inside each row (`packing_problem`).
@@ -209,10 +213,14 @@ def completion_logps(
 
         def log_probs_head(hidden: torch.Tensor) -> torch.Tensor:  # [B, S, H] -> [N, C, 2]
             states = hidden.reshape(-1, hidden.size(-1))[layout.states]  # [M, H]
-            logps, entropy = chunked_logps(
-                states, head.weight, head.bias, targets,
-                temperature=temperature, chunk_size=chunk_size, entropy_grad=entropy_grad,
-            )
+            if kernel == "trl":
+                logps, entropy = trl_chunked_logps(states, head.weight, head.bias, targets, temperature, chunk_size)
+                entropy = entropy if entropy_grad else entropy.detach()
+            else:
+                logps, entropy = chunked_logps(
+                    states, head.weight, head.bias, targets,
+                    temperature=temperature, chunk_size=chunk_size, entropy_grad=entropy_grad,
+                )
             return torch.stack([layout.scatter(logps), layout.scatter(entropy)], -1)
 
         # The head module itself computes the log-probs, inside the model's own forward: whatever
@@ -240,6 +248,23 @@ def completion_logps(
         if pack:
             entropy = layout.scatter(entropy[0])
     return logps, entropy
+
+
+def trl_chunked_logps(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
+    temperature: float, vocab_tile: Optional[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs and entropies `[M]` through TRL's tiled LM-head kernel (what TRL's own trainers
+    run): `[4096, vocab_tile]` tiles with an online log-sum-exp, Triton on CUDA, torch elsewhere."""
+    from trl.kernels import ChunkedLogProbFunction
+
+    logps, entropy, *_ = ChunkedLogProbFunction.apply(
+        hidden, weight, bias, targets, float(temperature), int(vocab_tile or TRL_VOCAB_TILE), None, 1.0, ("entropy",)
+    )
+    return logps, entropy
+
+
+TRL_VOCAB_TILE = 32768  # TRL's own default (`trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE`)
 
 
 @dataclass
@@ -303,6 +328,20 @@ def packing_problem(model: torch.nn.Module) -> Optional[str]:
             f"{', '.join(sorted(PACKABLE_ATTENTION))} (policy.attn_implementation), or set pack_rows: false."
         )
     return None
+
+
+def logps_path(model: torch.nn.Module, full_logits: bool, pack: bool, kernel: str = "retrain") -> str:
+    """How `completion_logps` will compute `model`'s log-probs, for the run's first lines."""
+    packed = ", rows packed" if pack else ""
+    if full_logits:
+        return f"full logits (full_logits: true){packed}"
+    if chunkable_head(model) is None:
+        inner = model.get_base_model() if hasattr(model, "get_base_model") and hasattr(model, "peft_config") else model
+        head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+        model_type = getattr(getattr(inner, "config", None), "model_type", None)
+        why = f"model_type {model_type!r}" if model_type not in CHUNKABLE_MODEL_TYPES else f"the head {type(head).__module__}.{type(head).__qualname__}"
+        return f"full logits ({why} is not covered by the chunked head){packed}"
+    return f"the LM head in chunks{' (TRL kernel)' if kernel == 'trl' else ''}{packed}"
 
 
 def chunkable_head(model: torch.nn.Module) -> Optional[torch.nn.Linear]:

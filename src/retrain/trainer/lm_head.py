@@ -22,8 +22,9 @@ from typing import Optional
 
 import torch
 
-# Elements of one chunk's logits (64M: 256 MB in float32): the default chunk is this many divided by V.
-DEFAULT_CHUNK_ELEMENTS = 2**26
+# Elements of one chunk's logits (16M: 64 MB in float32; the path holds about two such tensors at a
+# time): the default chunk is this many divided by V.
+DEFAULT_CHUNK_ELEMENTS = 2**24
 
 
 def default_chunk_size(vocab_size: int) -> int:
@@ -31,20 +32,26 @@ def default_chunk_size(vocab_size: int) -> int:
     return max(1, DEFAULT_CHUNK_ELEMENTS // max(1, vocab_size))
 
 
-def _chunk_statistics(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor, temperature: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For one chunk: (log-probs of the targets [c], entropies [c], log-softmax [c, V])."""
+def _chunk_log_probs(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], temperature: float) -> torch.Tensor:
+    """One chunk's log-softmax `[c, V]` at the temperature, in at least float32; the logits are freed
+    as soon as it exists (each `[c, V]` tensor is the path's whole memory, so every one counts)."""
     logits = hidden @ weight.t()  # [c, V]
     if bias is not None:
-        logits = logits + bias
+        logits += bias
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # half-precision heads: softmax in float32
     if temperature != 1.0:
-        logits = logits / temperature
-    log_probs = logits.log_softmax(-1)  # [c, V]
+        logits /= temperature
+    return logits.log_softmax(-1)
+
+
+def _chunk_statistics(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For one chunk: (log-probs of the targets [c], entropies [c])."""
+    log_probs = _chunk_log_probs(hidden, weight, bias, temperature)  # [c, V]
     target_logps = log_probs.gather(-1, targets[:, None]).squeeze(-1)  # [c]
-    entropy = -(log_probs.exp() * log_probs).sum(-1)  # [c]
-    return target_logps, entropy, log_probs
+    entropy = -(log_probs.exp().mul_(log_probs)).sum(-1)  # [c]
+    return target_logps, entropy
 
 
 class _ChunkedLogps(torch.autograd.Function):
@@ -55,7 +62,7 @@ class _ChunkedLogps(torch.autograd.Function):
         entropy = torch.empty_like(logps)  # [M]
         for start in range(0, hidden.size(0), chunk):
             rows = slice(start, start + chunk)
-            logps[rows], entropy[rows], _ = _chunk_statistics(hidden[rows], weight, bias, targets[rows], temperature)
+            logps[rows], entropy[rows] = _chunk_statistics(hidden[rows], weight, bias, targets[rows], temperature)
         ctx.save_for_backward(hidden, weight, bias, targets, entropy)
         ctx.temperature, ctx.chunk = temperature, chunk
         ctx.set_materialize_grads(False)  # an unused output (a detached entropy) then costs nothing in backward
@@ -74,15 +81,20 @@ class _ChunkedLogps(torch.autograd.Function):
         grad_entropy = None if grad_entropy is None else grad_entropy.to(dtype)
         for start in range(0, hidden.size(0), chunk):
             rows = slice(start, start + chunk)
-            _, _, log_probs = _chunk_statistics(hidden[rows], weight, bias, targets[rows], temperature)
+            log_probs = _chunk_log_probs(hidden[rows], weight, bias, temperature)  # [c, V]
             probs = log_probs.exp()  # [c, V]
-            # d/dz of (g_l * l + g_E * E), then 1/T for z = logits / T: [c, V]
-            grad_z = -probs * grad_logps[rows, None]
+            # d/dz of (g_l * l + g_E * E), then 1/T for z = logits / T: [c, V], built in place so that
+            # at most two [c, V] tensors exist
             if grad_entropy is not None:
-                grad_z -= grad_entropy[rows, None] * probs * (log_probs + entropy[rows, None])
+                spread = log_probs.add_(entropy[rows, None]).mul_(probs).mul_(-grad_entropy[rows, None])  # -g_E p (log p + E)
+            del log_probs
+            grad_z = probs.mul_(-grad_logps[rows, None])  # -g_l p
+            if grad_entropy is not None:
+                grad_z += spread
+                del spread
             grad_z.scatter_add_(-1, targets[rows, None], grad_logps[rows, None])
             if temperature != 1.0:
-                grad_z = grad_z / temperature
+                grad_z /= temperature
             if need_hidden:
                 grad_hidden[rows] = (grad_z.to(weight.dtype) @ weight).to(hidden.dtype)
             if need_weight:

@@ -48,3 +48,18 @@ def plan_micro_batches(
     if current:
         passes.append(current)
     return passes
+
+
+def stretch_plan(plan: list[list[int]], passes: int) -> list[list[int]]:
+    """`plan` with exactly `passes` passes (at least as many as it has), for ranks that must run the
+    same number of backward passes (DDP's and FSDP2's collectives run in each): the passes with the
+    most rows are halved first; when every pass is one row, the rest are empty (`[]`, a pass that
+    contributes nothing but joins the collectives)."""
+    plan = [list(rows) for rows in plan]
+    while len(plan) < passes:
+        widest = max(range(len(plan)), key=lambda i: len(plan[i]), default=None)
+        if widest is None or len(plan[widest]) < 2:
+            break
+        rows = plan[widest]
+        plan[widest : widest + 1] = [rows[: len(rows) // 2], rows[len(rows) // 2 :]]
+    return plan + [[] for _ in range(passes - len(plan))]

@@ -22,6 +22,7 @@ from typing import Any, Callable, Literal, Optional, Sequence
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from transformers import get_scheduler
@@ -35,8 +36,8 @@ from retrain.reward.calculator import RewardCalculator, RewardResult
 from retrain.trainer.base import BaseTrainer
 from retrain.trainer.cadence import align_checkpoint_cadence
 from retrain.rollout.context import check_datamodule_prompts, context_length
-from retrain.trainer.experience import Experience, completion_logps, pack_sampler_logps, pack_trajectories, packing_problem
-from retrain.trainer.micro_batches import plan_micro_batches
+from retrain.trainer.experience import Experience, completion_logps, pack_sampler_logps, logps_path, pack_trajectories, packing_problem
+from retrain.trainer.micro_batches import plan_micro_batches, stretch_plan
 from retrain.trainer.host_memory import tune_malloc_for_reuse
 from retrain.trainer.losses import LossStats, masked_mean
 from retrain.trainer.off_policy import sampler_mismatch
@@ -137,10 +138,13 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
         logits_chunk_size: tokens per chunk of the LM head when the completion log-probs and
             entropies are computed from the final hidden states (`retrain.trainer.lm_head`, the
             default), so no `[N, C, V]` logits exist; memory O(chunk x V), one more head product per
-            chunk in the backward. null: about 64M logits per chunk (`default_chunk_size`).
-        full_logits: ask the model for all `[N, C, V]` logits instead (the path TRL takes; more
-            memory). Policies the chunked path does not cover (heads other than a plain linear layer
-            of Llama, Qwen2/3, Mistral or GPT-2, e.g. a LoRA-adapted head) use it anyway. The chunked
+            chunk in the backward. null: about 16M logits per chunk (`default_chunk_size`).
+        lm_head_kernel: the chunked head's kernel: "retrain" (`retrain.trainer.lm_head`: token
+            chunks, the whole vocabulary at once) or "trl" (TRL's `ChunkedLogProbFunction`: token and
+            vocabulary tiles with an online log-sum-exp, a Triton kernel on CUDA; `logits_chunk_size`
+            is then its vocabulary tile, default 32768).
+        full_logits: ask the model for all `[N, C, V]` logits instead (retrain before the chunked head;
+            more memory). Policies the chunked path does not cover (heads other than a plain linear layer of Llama, Qwen2/3, Mistral or GPT-2, e.g. a LoRA-adapted head) use it anyway. The chunked
             head runs inside the model's own forward, so PEFT, FSDP2 and `policy.compile` (which
             traces it into the same graph) cover it.
         old_logps_from_sampler: when a generation feeds several updates (`num_iterations` or
@@ -185,6 +189,7 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
         full_logits: bool = False,
         micro_batch_tokens: Optional[int] = None,
         pack_rows: bool = False,
+        lm_head_kernel: Literal["retrain", "trl"] = "retrain",
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -325,6 +330,8 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
         with torch.no_grad():
             for rows, micro in self.micro_batches(experience):
                 part, _ = self.completion_logps(model, micro)
+                if not rows:  # an empty pass: only keeps this rank's collectives in step with the others'
+                    continue
                 if logps is None:
                     logps = part.new_zeros(len(experience), experience.completion_width)
                 logps[torch.as_tensor(rows, device=part.device), : micro.completion_width] = part
@@ -332,13 +339,21 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
 
     def micro_batches(self, experience: Experience) -> list[tuple[list[int], Experience]]:
         """`experience` cut into forward/backward passes (`micro_batch_size`, `micro_batch_tokens`),
-        each with its row indices and without the columns that are padding in all its rows."""
+        each with its row indices and without the columns that are padding in all its rows.
+
+        Under a token budget ranks may need different numbers of passes, but DDP and FSDP2 run
+        collectives in every pass: every rank then runs the most any rank needs (`stretch_plan`);
+        an empty pass (no rows) runs one row whose loss counts for nothing."""
         h = self.hparams
         prompts, completions = experience.lengths
         plan = plan_micro_batches(
             prompts, completions, max_rows=h.micro_batch_size, max_tokens=h.micro_batch_tokens, packed=h.pack_rows
         )
-        return [(rows, experience.rows(rows).trimmed()) for rows in plan]
+        if h.micro_batch_tokens is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            count = torch.tensor(len(plan), device=experience.input_ids.device)
+            dist.all_reduce(count, op=dist.ReduceOp.MAX)
+            plan = stretch_plan(plan, int(count))
+        return [(rows, experience.rows(rows or [0]).trimmed()) for rows in plan]
 
     def completion_logps(
         self, model: torch.nn.Module, experience: Experience, *, with_entropy: bool = False, entropy_grad: bool = False
@@ -349,7 +364,7 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
         return completion_logps(
             model, experience.input_ids, experience.attention_mask, experience.completion_width,
             temperature=h.temperature, with_entropy=with_entropy, entropy_grad=entropy_grad,
-            chunk_size=h.logits_chunk_size, full_logits=h.full_logits, pack=h.pack_rows,
+            chunk_size=h.logits_chunk_size, full_logits=h.full_logits, pack=h.pack_rows, kernel=h.lm_head_kernel,
         )
 
     def configure_optimizers(self) -> Any:
@@ -573,7 +588,11 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
         """
         step_tokens = chunk.completion_mask.sum().clamp(min=1.0)
         metrics: dict[str, float] = {}
-        for _, micro in self.micro_batches(chunk):
+        for rows, micro in self.micro_batches(chunk):
+            if not rows:  # an empty pass (`micro_batches`): the collectives of a backward, no gradient
+                loss, _ = self.compute_loss(micro, num_items)
+                self.manual_backward(loss * 0.0)
+                continue
             share = float(micro.completion_mask.sum() / step_tokens)
             weight = self.micro_batch_weight(micro, chunk)
             loss, micro_metrics = self.compute_loss(micro, num_items, policy_weight=weight, token_share=share)
@@ -609,7 +628,11 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
         self.log("train/step_seconds", elapsed, on_step=True, batch_size=1)
 
     def on_fit_start(self) -> None:
-        rank_zero_info(policy_summary(self) + f"; sampling with {self.make_sampler().describe_backend()}")
+        h = self.hparams
+        rank_zero_info(
+            policy_summary(self) + f"; loss log-probs: {logps_path(self.policy, h.full_logits, h.pack_rows, h.lm_head_kernel)}"
+            f"; sampling with {self.make_sampler().describe_backend()}"
+        )
         self.check_prompt_lengths(("train", "val"))
 
     def on_validation_start(self) -> None:

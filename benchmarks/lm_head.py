@@ -140,8 +140,9 @@ def markdown(record: dict[str, Any]) -> str:
         f"# The loss pass at real vocabulary sizes: retrain vs TRL ({record['commit']}, {record['machine']['summary']})",
         "",
         f"`small` body (hidden 256, 4 layers), {c['rows']} rows x (16 prompt + N completion) tokens, one forward and backward "
-        f"of each library's GRPO loss (dapo, temperature {TEMPERATURE}); seconds: median of {c['repeats']} after a warm-up"
-        + (" (not timed: one pass, memory only)" if not c["repeats"] else "") + ". Pass MB: peak RSS above the model and batch alone.",
+        f"of each library's GRPO loss (dapo, temperature {TEMPERATURE}); "
+        + (f"seconds: median of {c['repeats']} after a warm-up" if c["repeats"] else "not timed (one pass, memory only)")
+        + ". Pass MB: the peak RSS after the pass less the peak before it (library, model and batch loaded).",
         "",
         "| vocab | completion tokens | chunk | " + " | ".join(f"{LABELS[m]} pass MB" for m in MODES)
         + " | chunked / TRL memory | " + " | ".join(f"{LABELS[m]} s" for m in MODES) + " |",

@@ -98,7 +98,7 @@ class _ChunkedLogps(torch.autograd.Function):
             if need_hidden:
                 grad_hidden[rows] = (grad_z.to(weight.dtype) @ weight).to(hidden.dtype)
             if need_weight:
-                grad_weight += grad_z.t() @ hidden[rows].to(dtype)
+                grad_weight.addmm_(grad_z.t(), hidden[rows].to(dtype))  # in place: no [V, H] temporary per chunk
             if grad_bias is not None:
                 grad_bias += grad_z.sum(0)
         if grad_weight is not None:

@@ -46,7 +46,7 @@ from retrain.trainer.reporting import episode_metrics, logged_step, policy_summa
 from retrain.trainer.metrics import MajAtK, PassAtK
 from retrain.rollout.engine import RolloutEngine
 from retrain.rollout.sampler import Backend, BatchingSampler
-from retrain.rollout.sharding import generation_context, shard_model
+from retrain.rollout.sharding import generation_context, is_sharded, shard_model
 from retrain.rollout.vllm_engine import VLLMEngine, VLLMOptions, vllm_unavailable_reason
 
 SchedulerType = Literal["constant", "constant_with_warmup", "linear", "cosine"]
@@ -146,7 +146,8 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
         full_logits: ask the model for all `[N, C, V]` logits instead (retrain before the chunked head;
             more memory). Policies the chunked path does not cover (heads other than a plain linear layer of Llama, Qwen2/3, Mistral or GPT-2, e.g. a LoRA-adapted head) use it anyway. The chunked
             head runs inside the model's own forward, so PEFT, FSDP2 and `policy.compile` (which
-            traces it into the same graph) cover it.
+            traces it into the same graph) cover it; a compiled policy under FSDP2 takes the full
+            logits (`_compiled_and_sharded`).
         old_logps_from_sampler: when a generation feeds several updates (`num_iterations` or
             `steps_per_generation` > 1), use the sampler's log-probs as the old log-probs instead of
             a forward pass over the generation. Safe when the sampler draws from exactly the
@@ -337,6 +338,12 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
                 logps[torch.as_tensor(rows, device=part.device), : micro.completion_width] = part
         return logps
 
+    def _compiled_and_sharded(self, model: torch.nn.Module) -> bool:
+        # The compiled forward of an FSDP2-sharded policy through the chunked head trained differently
+        # from eager after the first update (tests/integration/test_distributed.py, bf16-mixed on 2 CPU
+        # processes); until that is understood, that combination takes the full logits.
+        return model is self._compiled_policy and is_sharded(self.policy)
+
     def micro_batches(self, experience: Experience) -> list[tuple[list[int], Experience]]:
         """`experience` cut into forward/backward passes (`micro_batch_size`, `micro_batch_tokens`),
         each with its row indices and without the columns that are padding in all its rows.
@@ -364,7 +371,8 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
         return completion_logps(
             model, experience.input_ids, experience.attention_mask, experience.completion_width,
             temperature=h.temperature, with_entropy=with_entropy, entropy_grad=entropy_grad,
-            chunk_size=h.logits_chunk_size, full_logits=h.full_logits, pack=h.pack_rows, kernel=h.lm_head_kernel,
+            chunk_size=h.logits_chunk_size, full_logits=h.full_logits or self._compiled_and_sharded(model),
+            pack=h.pack_rows, kernel=h.lm_head_kernel,
         )
 
     def configure_optimizers(self) -> Any:

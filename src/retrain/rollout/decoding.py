@@ -47,14 +47,14 @@ _ARCHITECTURES = {"LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "M
 _STATIC_ROPE = {"default", "linear", "llama3", "yarn"}
 
 
-def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers model inside a PEFT wrapper (its projections carry the adapters)."""
     return model.get_base_model() if hasattr(model, "get_base_model") and hasattr(model, "peft_config") else model
 
 
 def unsupported_reason(model: torch.nn.Module) -> Optional[str]:
     """Why `model` cannot use `KVDecoder` (None when it can)."""
-    model = _unwrapped(model)
+    model = unwrapped(model)
     name = type(model).__name__
     if name not in _ARCHITECTURES:
         return f"architecture {name} (supported: {', '.join(sorted(_ARCHITECTURES))})"
@@ -233,7 +233,7 @@ class KVDecoder:
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"KVDecoder does not support this model: {reason}")
-        model = _unwrapped(model)
+        model = unwrapped(model)
         body = model.model
         self.embed = body.embed_tokens.weight.detach()
         device, dtype = self.embed.device, self.embed.dtype

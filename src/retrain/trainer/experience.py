@@ -19,6 +19,7 @@ import torch
 from trl.trainer.utils import entropy_from_logits, selective_log_softmax
 
 from retrain.core.episode import Trajectory
+from retrain.rollout.decoding import unwrapped
 from retrain.trainer.lm_head import chunked_logps
 from retrain.reward.calculator import RewardResult
 
@@ -313,7 +314,7 @@ PACKABLE_ATTENTION = frozenset({"sdpa", "eager", "flex_attention", "flash_attent
 
 def packing_problem(model: torch.nn.Module) -> Optional[str]:
     """Why `model`'s rows cannot be packed into one sequence (`pack_rows`), or None when they can."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") and hasattr(model, "peft_config") else model
+    inner = unwrapped(model)
     config = getattr(inner, "config", None)
     model_type = getattr(config, "model_type", None)
     attention = getattr(config, "_attn_implementation", None)
@@ -336,7 +337,7 @@ def logps_path(model: torch.nn.Module, full_logits: bool, pack: bool, kernel: st
     if full_logits:
         return f"full logits (full_logits: true){packed}"
     if chunkable_head(model) is None:
-        inner = model.get_base_model() if hasattr(model, "get_base_model") and hasattr(model, "peft_config") else model
+        inner = unwrapped(model)
         head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
         model_type = getattr(getattr(inner, "config", None), "model_type", None)
         why = f"model_type {model_type!r}" if model_type not in CHUNKABLE_MODEL_TYPES else f"the head {type(head).__module__}.{type(head).__qualname__}"
@@ -350,7 +351,7 @@ def chunkable_head(model: torch.nn.Module) -> Optional[torch.nn.Linear]:
 
     An FSDP2-sharded head is covered: the head runs inside the root module's forward, after FSDP2 has
     gathered the root's parameters, and its backward before they are freed again."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") and hasattr(model, "peft_config") else model
+    inner = unwrapped(model)
     config = getattr(inner, "config", None)
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
     if getattr(config, "model_type", None) not in CHUNKABLE_MODEL_TYPES or type(head) is not torch.nn.Linear:

@@ -138,6 +138,19 @@ class Trajectory:
     """The episode ended because the token budget ran out (not by `done` or `max_turns`)."""
     policy_version: Optional[int] = None
     """The oldest policy version that sampled any of its turns (`Generation.policy_version`)."""
+    info: dict[str, Any] = field(default_factory=dict)
+    """What the environment knows about the whole episode (an agent's result, its error); reward
+    functions read it through the `trajectory` argument."""
+    earlier_samples: list["Trajectory"] = field(default_factory=list)
+    """When an episode's tokens are not one sequence (an agent rewrote its history, so a model call
+    did not continue the previous one's tokens), its samples before the last, each with its own
+    exact prompt and completion tokens. The trainer trains each as a row of its own with the
+    episode's reward and advantage; this trajectory's token fields hold the last sample."""
+
+    @property
+    def samples(self) -> list["Trajectory"]:
+        """Every training row of the episode, in order (itself alone, unless it was split)."""
+        return [*self.earlier_samples, self]
 
     @property
     def completion_text(self) -> str:

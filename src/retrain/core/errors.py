@@ -25,3 +25,7 @@ class ConfigError(RetrainError, ValueError):
 
 class TrainingFault(RetrainError, RuntimeError):
     """A fault during training that stops the run, handled as documented (the checkpoint is kept)."""
+
+
+class ContextOverflowError(ConfigError):
+    """A prompt (with its completion budget) does not fit in the model's context (`retrain.rollout.context`)."""

@@ -10,6 +10,8 @@ from retrain.environment.base import (
     Trajectory,
     Turn,
 )
+from retrain.environment.agent import AgentEnvironment, AgentResult
+from retrain.environment.endpoint import PolicyEndpoint
 from retrain.environment.gym import GymEnvironment
 from retrain.environment.mcp import MCPServerError, MCPToolProvider
 from retrain.environment.single_turn import SingleTurnEnvironment
@@ -18,6 +20,9 @@ from retrain.environment.tool_parsing import parse_tool_calls
 from retrain.environment.tools import TOOLS, FunctionToolProvider, ToolError, ToolProvider, ToolSpec, tool
 
 __all__ = [
+    "AgentEnvironment",
+    "AgentResult",
+    "PolicyEndpoint",
     "Environment",
     "EnvironmentObservation",
     "Generation",

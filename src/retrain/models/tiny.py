@@ -24,6 +24,17 @@ CHAT_TEMPLATE = (
     "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant: {% endif %}"
 )
+# The same layout, plus what tool-calling templates (Qwen's, Hermes') render: the tool schemas, an
+# assistant's tool calls as Hermes <tool_call> blocks, tool results.
+TOOLS_CHAT_TEMPLATE = (
+    "{% if tools %}system: You may call these tools:\n<tools>\n{% for tool in tools %}{{ tool | tojson }}\n{% endfor %}"
+    "</tools>\nTo call one, write <tool_call>{\"name\": <tool name>, \"arguments\": <arguments object>}</tool_call>.\n{% endif %}"
+    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] or '' }}"
+    "{% for call in message.get('tool_calls') or [] %}<tool_call>{\"name\": {{ call['function']['name'] | tojson }}, "
+    "\"arguments\": {{ call['function']['arguments'] | tojson }}}</tool_call>{% endfor %}{{ '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
+CHAT_TEMPLATES = {"plain": CHAT_TEMPLATE, "tools": TOOLS_CHAT_TEMPLATE}
 
 
 @dataclass
@@ -49,9 +60,17 @@ class TinyModelConfig:
     max_position_embeddings: int = 512
     seed: int = 0
     vocab_size: Optional[int] = None
+    chat_template: str = "plain"
+    """"plain" (`role: content` lines; ignores tools) or "tools" (also renders tool schemas, an
+    assistant's tool calls in Hermes `<tool_call>` format and tool results, as tool-calling chat
+    models' templates do)."""
+
+    def __post_init__(self) -> None:
+        if self.chat_template not in CHAT_TEMPLATES:
+            raise ValueError(f"TinyModelConfig.chat_template={self.chat_template!r}: use one of {', '.join(CHAT_TEMPLATES)}.")
 
 
-def build_char_tokenizer(vocab_size: Optional[int] = None) -> PreTrainedTokenizerFast:
+def build_char_tokenizer(vocab_size: Optional[int] = None, chat_template: str = "plain") -> PreTrainedTokenizerFast:
     """A character-level tokenizer: one token per character, plus pad/unk/bos/eos (and unused
     filler tokens up to `vocab_size`, see `TinyModelConfig.vocab_size`)."""
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS.values())}
@@ -65,7 +84,7 @@ def build_char_tokenizer(vocab_size: Optional[int] = None) -> PreTrainedTokenize
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=SPECIAL_TOKENS["unk_token"]))
     backend.decoder = decoders.Fuse()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, **SPECIAL_TOKENS)
-    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.chat_template = CHAT_TEMPLATES[chat_template]
     return tokenizer
 
 
@@ -73,7 +92,7 @@ def build_tiny_model(directory: str | Path, config: TinyModelConfig | None = Non
     """Write a freshly initialised tiny model and its tokenizer to `directory`; return the path."""
     config = config or TinyModelConfig()
     directory = Path(directory)
-    tokenizer = build_char_tokenizer(config.vocab_size)
+    tokenizer = build_char_tokenizer(config.vocab_size, config.chat_template)
     model_config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=config.hidden_size,

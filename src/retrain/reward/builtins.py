@@ -117,3 +117,15 @@ def not_truncated(trajectory: Any = None, **_: Any) -> bool:
 def non_empty(completion: str, **_: Any) -> bool:
     """Passes when the completion has any non-whitespace text."""
     return bool(completion.strip())
+
+
+@reward
+def agent_reward(trajectory: Any = None, **_: Any) -> float:
+    """The reward an agent reported for its episode (`AgentEnvironment`: its return value)."""
+    value = getattr(trajectory, "info", {}).get("reward")
+    if value is None:
+        raise ValueError(
+            "reward 'agent_reward': the agent reported no reward for this episode. Return a float, "
+            "AgentResult(reward=...) or a dict with a 'reward' key from the agent, or score the episode with other reward functions."
+        )
+    return float(value)

@@ -17,14 +17,10 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable, Optional, Sequence
 
-from retrain.core.errors import ConfigError
+from retrain.core.errors import ConfigError, ContextOverflowError  # noqa: F401  (ContextOverflowError: re-exported)
 from retrain.core.records import PromptRecord
 
 _UNBOUNDED = 10**8  # tokenizers without a limit report a huge model_max_length
-
-
-class ContextOverflowError(ConfigError):
-    """A prompt (with its completion budget) does not fit in the model's context."""
 
 
 def context_length(model: Any, tokenizer: Any = None) -> Optional[int]:

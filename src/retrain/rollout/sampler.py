@@ -115,6 +115,7 @@ class BatchingSampler:
             self.context_limit = min(filter(None, (self.context_limit, engine.max_model_len)))
         self._template_renders_tools: Optional[bool] = None
         self.active_episodes = 0
+        self.incoming = 0  # requests known to be on their way (an agent's HTTP call not yet read): worth waiting for
         self.generate_calls = 0
         self._pending: list[tuple[list[int], int, asyncio.Future]] = []
         self._flush_task: Optional[asyncio.Task] = None
@@ -174,7 +175,7 @@ class BatchingSampler:
 
     async def _flush_when_ready(self) -> None:
         idle = 0
-        while len(self._pending) < self.active_episodes and idle < _IDLE_TURNS:
+        while len(self._pending) < self.active_episodes and (idle < _IDLE_TURNS or self.incoming > 0):
             seen = len(self._pending)
             await asyncio.sleep(0)
             idle = idle + 1 if len(self._pending) == seen else 0
@@ -253,6 +254,12 @@ class BatchingSampler:
             [step.float().log_softmax(-1).gather(-1, tokens[:, t, None]).squeeze(-1) for t, step in enumerate(output.scores)], dim=1
         )  # [B, T]
         return tokens.tolist(), logprobs.tolist()
+
+    @property
+    def sampling_options(self) -> dict[str, float]:
+        """The distribution every request is sampled from (what an agent may not change: `PolicyEndpoint`)."""
+        config = self.generation_config
+        return {"temperature": config.temperature, "top_p": config.top_p, "top_k": config.top_k or 0}
 
     @property
     def eos_token_ids(self) -> list[int]:

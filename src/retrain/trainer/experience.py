@@ -39,8 +39,21 @@ class Experience:
     completion_turns: Optional[torch.Tensor] = None  # [N, C] turn index of each completion token
     sampler_logps: Optional[torch.Tensor] = None  # [N, C] the sampler's log-probs (0 off the policy's tokens), when it gave them
     sampler_weights: Optional[torch.Tensor] = None  # [N, C] or [N, 1] the sampler correction's weights, when it is on
-    trajectories: list[Trajectory] = field(default_factory=list)
-    reward_result: Optional[RewardResult] = None
+    trajectories: list[Trajectory] = field(default_factory=list)  # one per row
+    reward_result: Optional[RewardResult] = None  # one entry per episode
+    row_episode: Optional[torch.Tensor] = None  # [N] the episode of each row, when an episode gave several (else row i is episode i)
+    episodes: Optional[list[Trajectory]] = None  # the generation's episodes, when rows are not episodes
+
+    def per_row(self, values: torch.Tensor) -> torch.Tensor:
+        """`[E, ...]` values of the episodes as `[N, ...]` values of the rows."""
+        return values if self.row_episode is None else values[self.row_episode.to(values.device)]
+
+    def episode_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """`[N]` values of the rows summed per episode, `[E]`."""
+        if self.row_episode is None:
+            return values
+        size = len(self.episodes) if self.episodes is not None else int(self.row_episode.max()) + 1
+        return torch.zeros(size, dtype=values.dtype, device=values.device).index_add_(0, self.row_episode.to(values.device), values)
 
     @property
     def completion_width(self) -> int:
@@ -57,7 +70,14 @@ class Experience:
         return self.input_ids.size(0)
 
     def split(self, parts: int) -> list["Experience"]:
-        """`parts` consecutive, equal slices of the rollouts (one per optimizer step of a generation)."""
+        """`parts` consecutive, equal slices of the rollouts (one per optimizer step of a generation);
+        by episodes when rows are not episodes (each part gets the rows of its episodes)."""
+        if self.row_episode is not None and parts > 1:
+            episodes = int(self.row_episode.max()) + 1 if self.episodes is None else len(self.episodes)
+            if episodes % parts:
+                raise ValueError(f"{episodes} episodes cannot be split into {parts} equal optimizer steps.")
+            part = (self.row_episode // (episodes // parts)).cpu()
+            return [self.rows(torch.nonzero(part == k).flatten().tolist()) for k in range(parts)]
         n = len(self)
         if n % parts:
             raise ValueError(f"{n} rollouts cannot be split into {parts} equal optimizer steps.")
@@ -105,6 +125,16 @@ class Experience:
                 value = value[:, :width]
             values[f.name] = value
         return Experience(**values)
+
+
+def episode_rows(episodes: Sequence[Trajectory]) -> tuple[list[Trajectory], Optional[torch.Tensor]]:
+    """The training rows of `episodes` (an episode an agent split has several: `Trajectory.samples`)
+    and `[N]` the episode of each row (None when every episode is one row)."""
+    rows = [sample for episode in episodes for sample in episode.samples]
+    if len(rows) == len(episodes):
+        return list(episodes), None
+    owners = [i for i, episode in enumerate(episodes) for _ in episode.samples]
+    return rows, torch.tensor(owners, dtype=torch.long)
 
 
 def pack_trajectories(

@@ -140,15 +140,16 @@ class GRPOTrainer(RLTrainer):
     def compute_advantages(self, rewards: torch.Tensor, experience: Experience) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.hparams
         if h.step_credit == "rollout_only":
-            result = group_advantages(rewards, h.num_generations, h.scale_rewards)
-            return result.advantages, result.group_std
+            result = group_advantages(rewards, h.num_generations, h.scale_rewards)  # [E]
+            return experience.per_row(result.advantages), experience.per_row(result.group_std)
         steps, turn_mask = pack_step_rewards(experience.reward_result.step_total)
         steps, turn_mask = steps.to(rewards.device), turn_mask.to(rewards.device)
-        returns = discounted_turn_returns(steps, turn_mask, rewards, h.gamma)  # [N, T]
-        per_turn = turn_advantages(returns, turn_mask, h.num_generations, h.scale_rewards)  # [N, T]
+        returns = discounted_turn_returns(steps, turn_mask, rewards, h.gamma)  # [E, T]
+        per_turn = turn_advantages(returns, turn_mask, h.num_generations, h.scale_rewards)  # [E, T]
         turns = pack_turns(experience.trajectories, experience.completion_width).to(rewards.device)  # [N, C]
         group_std = group_advantages(returns[:, 0], h.num_generations, "none").group_std
-        return per_turn.gather(1, turns.clamp(max=per_turn.size(1) - 1)), group_std
+        per_turn = experience.per_row(per_turn)  # [N, T]: a row's turn indices are its episode's
+        return per_turn.gather(1, turns.clamp(max=per_turn.size(1) - 1)), experience.per_row(group_std)
 
     def micro_batch_weight(self, micro: Experience, chunk: Experience) -> float:
         loss_type = self.hparams.loss_type

@@ -36,7 +36,9 @@ from retrain.reward.calculator import RewardCalculator, RewardResult
 from retrain.trainer.base import BaseTrainer
 from retrain.trainer.cadence import align_checkpoint_cadence
 from retrain.rollout.context import check_datamodule_prompts, context_length
-from retrain.trainer.experience import Experience, completion_logps, pack_sampler_logps, logps_path, pack_trajectories, packing_problem
+from retrain.trainer.experience import (
+    Experience, completion_logps, episode_rows, logps_path, pack_sampler_logps, pack_trajectories, packing_problem,
+)
 from retrain.trainer.micro_batches import plan_micro_batches, stretch_plan
 from retrain.trainer.host_memory import tune_malloc_for_reuse
 from retrain.trainer.losses import LossStats, masked_mean
@@ -220,7 +222,9 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
 
     # ------------------------------------------------------------------ what an algorithm supplies
     def compute_advantages(self, rewards: torch.Tensor, experience: Experience) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(advantages [N], group_std [N])` for the grouped rewards `[N]` of `experience`."""
+        """`(advantages [N] or [N, C], group_std [N])` of `experience`'s rows from the grouped
+        rewards `[E]` of its episodes (rows are episodes unless an episode gave several:
+        `Experience.per_row`)."""
         raise NotImplementedError
 
     def policy_objective(
@@ -356,7 +360,8 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
         plan = plan_micro_batches(
             prompts, completions, max_rows=h.micro_batch_size, max_tokens=h.micro_batch_tokens, packed=h.pack_rows
         )
-        if h.micro_batch_tokens is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        # (Rows per rank differ too when an agent's episodes split into several samples.)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             count = torch.tensor(len(plan), device=experience.input_ids.device)
             dist.all_reduce(count, op=dist.ReduceOp.MAX)
             plan = stretch_plan(plan, int(count))
@@ -496,16 +501,19 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
                 trajectories, scored = self.group_filter(self, records, trajectories, scored)
         if self._engine is not None:
             self._engine.sleep()  # GPUs with vllm.enable_sleep_mode: the update needs the memory
+        rows, row_episode = episode_rows(trajectories)  # an episode an agent split trains as several rows
         input_ids, attention_mask, completion_mask = pack_trajectories(
-            trajectories, self.tokenizer.pad_token_id, mask_truncated=h.mask_truncated_completions
+            rows, self.tokenizer.pad_token_id, mask_truncated=h.mask_truncated_completions
         )
-        n = len(trajectories)
+        n = len(rows)
+        rewards = torch.tensor(scored.total, dtype=torch.float32)  # [E]
         experience = Experience(
             input_ids=input_ids, attention_mask=attention_mask, completion_mask=completion_mask,
-            rewards=torch.tensor(scored.total, dtype=torch.float32),
+            rewards=rewards if row_episode is None else rewards[row_episode],
             advantages=torch.zeros(n), group_std=torch.zeros(n),
-            sampler_logps=pack_sampler_logps(trajectories, completion_mask.size(1)),
-            trajectories=trajectories, reward_result=scored,
+            sampler_logps=pack_sampler_logps(rows, completion_mask.size(1)),
+            trajectories=rows, reward_result=scored, row_episode=row_episode,
+            episodes=None if row_episode is None else trajectories,
         ).to(self._policy_device())
         if self.needs_generation_logps and h.old_logps_from_sampler and experience.sampler_logps is not None:
             experience.old_logps = experience.sampler_logps  # the sampler's, instead of a forward pass
@@ -513,7 +521,7 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
             experience.old_logps = self.generation_logps(self.policy, experience)
         if self.has_reference:
             experience.ref_logps = self.reference_logps(experience)
-        experience.advantages, experience.group_std = self.compute_advantages(experience.rewards, experience)
+        experience.advantages, experience.group_std = self.compute_advantages(rewards.to(self._policy_device()), experience)
         return experience
 
     def _policy_device(self) -> torch.device:
@@ -725,8 +733,8 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
 
     def _log_generation(self, experience: Experience, update_metrics: dict[str, float]) -> None:
         scored = experience.reward_result
-        rewards = experience.rewards
-        trajectories = experience.trajectories
+        rewards = torch.tensor(scored.total, dtype=torch.float32)  # one per episode
+        trajectories = experience.episodes if experience.episodes is not None else experience.trajectories
         metrics: dict[str, Any] = {
             "train/reward": rewards.mean(),
             "train/reward_std": rewards.std() if rewards.numel() > 1 else torch.zeros(()),
@@ -744,7 +752,7 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
         metrics["step"] = logged_step(self.global_step)
         self.log_dict(metrics, on_step=True, batch_size=len(trajectories))
         self.log("reward", rewards.mean(), prog_bar=True, on_step=True, logger=False, batch_size=len(trajectories))
-        self._last_trajectories = trajectories
+        self._last_trajectories = experience.trajectories  # every trained row (its tokens are counted)
         self.last_samples = [
             {"prompt": t.record.prompt, "completion": t.completion_text, "reward": r}
             for t, r in zip(trajectories[: self.hparams.num_completions_to_keep], scored.total)

@@ -58,12 +58,13 @@ class RLOOTrainer(RLTrainer):
 
     def compute_advantages(self, rewards: torch.Tensor, experience: Experience) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.hparams
-        if h.beta > 0:
-            rewards = kl_penalized_rewards(rewards, experience.old_logps, experience.ref_logps, experience.completion_mask, h.beta)
+        if h.beta > 0:  # each row's -beta * KL, summed over an episode's rows
+            penalties = kl_penalized_rewards(torch.zeros_like(experience.rewards), experience.old_logps, experience.ref_logps, experience.completion_mask, h.beta)
+            rewards = rewards + experience.episode_sum(penalties)
             per_token = experience.old_logps - experience.ref_logps
             self._batch_kl = masked_mean(per_token, experience.completion_mask)
-        result = rloo_advantages(rewards, h.num_generations, h.normalize_advantages)
-        return result.advantages, result.group_std
+        result = rloo_advantages(rewards, h.num_generations, h.normalize_advantages)  # [E]
+        return experience.per_row(result.advantages), experience.per_row(result.group_std)
 
     def policy_objective(
         self, logps: torch.Tensor, entropy: torch.Tensor, experience: Experience, num_items_in_batch: Optional[torch.Tensor]

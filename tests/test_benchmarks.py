@@ -134,3 +134,17 @@ def test_lm_head_smoke(tmp_path: Path) -> None:
     assert row["chunked"]["loss"] == pytest.approx(row["trl"]["loss"], abs=1e-5)  # the same loss, computed two ways
     assert row["full"]["loss"] == pytest.approx(row["trl"]["loss"], abs=1e-5)
     assert "| 100 | 8 |" in (tmp_path / "lm_head.md").read_text()
+
+
+def test_agent_endpoint_smoke(tmp_path: Path) -> None:
+    command = [
+        sys.executable, str(REPO / "benchmarks" / "agent_endpoint.py"), "--model-size", "tiny", "--prompts", "2", "--generations", "2",
+        "--turns", "2", "--tokens", "4", "--repeats", "1", "--out-dir", str(tmp_path),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    record = json.loads((tmp_path / "agent_endpoint.json").read_text())
+    assert record["same_work"]  # both sides trained on the same token layout
+    for side in ("built-in", "agent"):
+        assert record["results"][side]["generate_calls_per_phase"] == 2  # one batched call per turn
+    assert math.isfinite(record["agent_over_builtin"]) and record["agent_over_builtin"] > 0

@@ -304,3 +304,66 @@ def test_the_episode_budget_bounds_every_sample(tokenizer):
     [episode], _ = _episodes(AgentEnvironment(chatty), ScriptedSampler(tokenizer, ["abcdefghij"]), [PromptRecord(prompt="q")], budget=40)
     assert len(episode.completion_ids) <= 40 and episode.truncated
     assert episode.info["reasons"][0] == "stop" and episode.info["reasons"][-1] == "length"
+
+
+def test_n_choices_stop_strings_tool_choice_and_limits(tokenizer):
+    async def agent(client, record):
+        out = {"reward": 0.0}
+        many = await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "a"}], n=2, stop=["c"])
+        out["n"] = [(c.index, c.message.content, c.finish_reason) for c in many.choices]
+        forced = await client.chat.completions.with_raw_response.create(
+            model="m", messages=[{"role": "user", "content": "b"}], tool_choice="required",
+        )
+        out["forced"] = json.loads(forced.text)["retrain"]["overridden"]["tool_choice"]
+        try:
+            await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x" * 80}])
+        except openai.BadRequestError as err:
+            out["long"] = err.body["code"]
+        await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "d"}])  # the 4th call
+        try:
+            await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "e"}])
+        except openai.RateLimitError as err:
+            out["limit"] = err.body["code"]
+        return out
+
+    sampler = ScriptedSampler(tokenizer, ["abcde"])
+    sampler.context_limit = 60  # a model that reads 60 tokens: the 80-character message does not fit
+    [episode], _ = _episodes(AgentEnvironment(agent, max_calls=4), sampler, [PromptRecord(prompt="q")])
+    info = episode.info
+    assert info["n"] == [(0, "ab", "stop"), (1, "ab", "stop")]  # the text before the stop string
+    assert info["forced"] == {"requested": "required", "used": "auto"}
+    assert info["long"] == "context_length_exceeded" and info["limit"] == "episode_call_limit"
+    # The tokens through the one that completed the stop string are what was sampled and trained.
+    assert [t.action.token_ids for t in episode.samples[0].turns] == [tokenizer("abc", add_special_tokens=False)["input_ids"]]
+    assert episode.metrics["calls"] == 4.0 and episode.metrics["refused_requests"] == 2.0
+    assert len(episode.samples) == 4  # choices 0 and 1 share a context: the second is a sample of its own
+
+
+def test_a_body_that_does_not_arrive_in_time_gets_408_and_the_server_keeps_serving(tokenizer):
+    from retrain.environment.endpoint import PolicyEndpoint
+
+    async def scenario():
+        endpoint = PolicyEndpoint(read_timeout=0.3)
+        await endpoint.start()
+        try:
+            session = endpoint.open_episode(ScriptedSampler(tokenizer, ["1"]), budget=16)
+            path = session.base_url.split(str(endpoint.port), 1)[1] + "/chat/completions"
+            reader, writer = await asyncio.open_connection("127.0.0.1", endpoint.port)
+            writer.write(
+                f"POST {path} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {endpoint.api_key}\r\n"
+                "content-type: application/json\r\ncontent-length: 100\r\n\r\n{\"mod".encode()
+            )
+            await writer.drain()
+            status = (await asyncio.wait_for(reader.readline(), 10)).decode()
+            writer.close()
+            async with httpx.AsyncClient() as http:
+                again = await http.post(
+                    session.base_url + "/chat/completions", headers={"authorization": f"Bearer {endpoint.api_key}"},
+                    json={"messages": [{"role": "user", "content": "a"}]},
+                )
+            return status, again.status_code
+        finally:
+            await endpoint.close()
+
+    status, again = asyncio.run(scenario())
+    assert " 408 " in status and again == 200

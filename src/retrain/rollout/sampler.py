@@ -2,7 +2,8 @@
 
 Episodes run as asyncio tasks and `await sampler.generate(context)`. Requests are collected until
 every episode still in flight is waiting (or until no new request arrives for a few event-loop
-turns, e.g. while some episodes wait on a slow tool), then one left-padded, KV-cached, no-grad
+turns, e.g. while some episodes wait on a slow tool, and none is known to be on its way: an agent's
+HTTP request, `incoming`), then one left-padded, KV-cached, no-grad
 `generate` call serves them all. So G x B single-turn episodes cost one call, and T-turn episodes
 cost T calls, never one per episode.
 

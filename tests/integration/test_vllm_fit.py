@@ -113,6 +113,28 @@ def test_a_multi_turn_tool_episode_trains_through_vllm(tmp_path):
     _assert_sampler_matches(rows)  # the second turn's log-probs too (its context holds the tool result)
 
 
+def test_an_openai_sdk_agent_trains_through_vllm_on_its_exact_tokens(tmp_path):
+    """Three continued calls per episode over HTTP, sampled by the real engine: the trainer's
+    log-probs of the recorded tokens match the engine's (a re-tokenized or shifted token would not)."""
+    config = _vllm_config(
+        tmp_path, max_steps=2, environment={"class_path": "retrain.environment.AgentEnvironment", "init_args": {"agent": "chatty_agent.agent"}},
+        reward={"rewards": [{"name": "agent_reward"}]}, max_completion_length=64,
+    )
+    # 512 tokens, ~400 of them fillers that decode to "<|extra_N|>": text that re-tokenizes into
+    # other tokens (characters), so only the exact sampled ids give matching log-probs.
+    text = yaml.safe_load(config.read_text())
+    text["model"]["init_args"]["policy"]["tiny"]["vocab_size"] = 512
+    config.write_text(yaml.safe_dump(text))
+    result = run_retrain(tmp_path, "fit", "--config", str(config), env={"PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = [r for r in read_metrics(tmp_path / "out" / "csv") if r.get("train/reward")]
+    assert len(rows) == 2
+    for row in rows:
+        assert float(row["train/env/calls"]) == 3.0 and float(row["train/env/samples"]) == 1.0
+        assert 0.0 < float(row["train/policy_token_fraction"]) < 1.0  # the template's tokens between calls are context
+    _assert_sampler_matches(rows)
+
+
 def _tiny_gpt2(directory: Path) -> None:
     """A GPT-2 (which retrain's decoder does not support) with the character tokenizer, on disk."""
     import torch

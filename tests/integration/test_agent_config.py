@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -51,14 +53,27 @@ async def agent(client, record):
 '''
 
 
-def test_agents_under_ddp_each_rank_serves_its_own_endpoint_and_unequal_rows_train(tmp_path):
+STRATEGIES = {
+    "ddp": ["--trainer.strategy", "ddp"],
+    # FSDP2 with the parameters sharded while decoding: ranks with fewer generate calls join the
+    # others' rounds (`LockstepGeneration.drain`).
+    "fsdp2": [
+        "--trainer.strategy", "lightning.pytorch.strategies.ModelParallelStrategy",
+        "--trainer.strategy.init_args.data_parallel_size", "2", "--trainer.strategy.init_args.tensor_parallel_size", "1",
+        "--model.init_args.policy.sharded_generation", "sharded",
+    ],
+}
+
+
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+def test_agents_on_two_processes_each_rank_serves_its_own_endpoint_and_unequal_rows_train(tmp_path, strategy):
     for name in ("configs", "examples"):
         os.symlink(REPO / name, tmp_path / name)
     (tmp_path / "splitting_agent.py").write_text(SPLITTING_AGENT)
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1"}
     command = [
         sys.executable, "-m", "retrain.cli", "fit", "--config", "configs/agent_calculator.yaml",
-        "--trainer.max_steps", "2", "--trainer.enable_progress_bar", "false", "--trainer.strategy", "ddp",
+        "--trainer.max_steps", "2", "--trainer.enable_progress_bar", "false", *STRATEGIES[strategy],
         "--trainer.devices", "2", "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
         "--trainer.logger.save_dir", "outputs/agent_ddp", "--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "false",
         "--model.init_args.environment.init_args.agent", "splitting_agent.py:agent", "--model.init_args.micro_batch_size", "2",

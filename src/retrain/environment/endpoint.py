@@ -298,8 +298,7 @@ class PolicyEndpoint:
             notes["overridden"] = sampling.overridden
         if sampling.ignored:
             notes["ignored"] = sampling.ignored
-        build = api.chat_response if chat else api.completion_response
-        response = build(parsed.model or self.model_name, choices, usage, notes)
+        response = api.response(chat, parsed.model or self.model_name, choices, usage, notes)
         if sampling.return_token_ids:
             response["prompt_token_ids"] = list(context)
         return response

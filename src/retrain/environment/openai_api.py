@@ -245,20 +245,11 @@ def assistant_message(text: str, calls: list[ToolCall]) -> dict[str, Any]:
     }
 
 
-def chat_response(model: str, choices: list[dict[str, Any]], usage: dict[str, int], notes: dict[str, Any]) -> dict[str, Any]:
+def response(chat: bool, model: str, choices: list[dict[str, Any]], usage: dict[str, int], notes: dict[str, Any]) -> dict[str, Any]:
+    """A `chat.completion` (or, with `chat=False`, a `text_completion`) body; `notes` go under `retrain`."""
     body = {
-        "id": f"chatcmpl-{secrets.token_hex(12)}", "object": "chat.completion", "created": int(time.time()),
-        "model": model, "choices": choices, "usage": usage,
-    }
-    if notes:
-        body["retrain"] = notes
-    return body
-
-
-def completion_response(model: str, choices: list[dict[str, Any]], usage: dict[str, int], notes: dict[str, Any]) -> dict[str, Any]:
-    body = {
-        "id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion", "created": int(time.time()),
-        "model": model, "choices": choices, "usage": usage,
+        "id": f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(12)}", "object": "chat.completion" if chat else "text_completion",
+        "created": int(time.time()), "model": model, "choices": choices, "usage": usage,
     }
     if notes:
         body["retrain"] = notes

@@ -178,7 +178,9 @@ class BatchingSampler:
         idle = 0
         while len(self._pending) < self.active_episodes and (idle < _IDLE_TURNS or self.incoming > 0):
             seen = len(self._pending)
-            await asyncio.sleep(0)
+            # Waiting only for requests on their way: sleep a little instead of spinning, which would
+            # hold the GIL against a synchronous agent's thread that is sending one.
+            await asyncio.sleep(0 if idle < _IDLE_TURNS else 1e-4)
             idle = idle + 1 if len(self._pending) == seen else 0
         pending, self._pending, self._flush_task = self._pending, [], None
         for batch in self._within_context(pending):

@@ -94,3 +94,17 @@ def test_in_the_data_module_with_a_system_prompt(no_network):
         assert system == {"role": "system", "content": "Think, then answer."}
         assert user["content"] == record.metadata["reasoning_gym_entry"]["question"]
         assert score(record, f"<answer>{record.answer}</answer>") == 1.0
+
+
+def test_exclude_keeps_a_held_out_split_out_of_the_training_tasks(no_network):
+    kwargs = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2}
+    held_out = ReasoningGymSource(task="chain_sum", size=200, seed=1, task_kwargs=kwargs)
+    train = ReasoningGymSource(task="chain_sum", size=500, seed=0, task_kwargs=kwargs, exclude={"seed": 1, "size": 200})
+    plain = ReasoningGymSource(task="chain_sum", size=500, seed=0, task_kwargs=kwargs)
+    questions = {held_out.record(i).prompt for i in range(200)}
+    assert any(plain.record(i).prompt in questions for i in range(500))  # without it, the splits overlap
+    assert train.num_records == 500 and not any(train.record(i).prompt in questions for i in range(500))
+    with pytest.raises(DataSourceError, match="task space is too small"):
+        tiny = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}
+        # 200 distinct questions in all, every one of them in a held-out split of 5000
+        ReasoningGymSource(task="chain_sum", size=10, seed=0, task_kwargs=tiny, exclude={"seed": 1, "size": 5000}).load()

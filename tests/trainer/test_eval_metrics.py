@@ -46,7 +46,7 @@ def test_validate_and_test_log_reward_pass_and_majority(tiny_model_dir):
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
     [val] = trainer.validate(algo, dataloaders=loader, verbose=False)
     assert val["val/pass@3"] == pytest.approx(0.5) and val["val/maj@3"] == pytest.approx(0.5)
-    assert val["val/reward"] == pytest.approx(0.5)
+    assert val["val/reward"] == pytest.approx(0.5) and val["val/pass@1"] == pytest.approx(0.5)  # every sample of q1, q3 right, none of q2, q4
     assert val["val/rewards/" + ONLY_EASY] == pytest.approx(0.5)
     assert 0.0 <= val["val/verifiers/non_empty"] <= 1.0
     [test] = trainer.test(algo, dataloaders=loader, verbose=False)

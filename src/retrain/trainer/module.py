@@ -726,6 +726,8 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
         self.log(f"{stage}/pass@{k}", metrics["pass"], on_epoch=True, batch_size=n)
         self.log(f"{stage}/maj@{k}", metrics["maj"], on_epoch=True, batch_size=n)
         values = {f"{stage}/reward": rewards.mean()}
+        if k > 1:  # the mean over the k samples: the unbiased estimate of pass@1
+            values[f"{stage}/pass@1"] = correct.float().mean()
         values.update({f"{stage}/rewards/{name}": torch.tensor(v).mean() for name, v in scored.components.items()})
         values.update({f"{stage}/verifiers/{name}": torch.tensor(v, dtype=torch.float32).mean() for name, v in scored.verifier_passed.items()})
         values["step"] = logged_step(self.global_step)  # a constant: its epoch mean is the step itself

@@ -50,3 +50,27 @@ def test_retrain_validate_runs_the_held_out_split(tmp_path):
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "val/pass@2" in result.stdout and "val/maj@2" in result.stdout
+
+
+def test_the_reasoning_skill_recipe_warm_starts_then_trains_and_validates_held_out(tmp_path):
+    """examples/warm_start_sft.py (TRL's SFTTrainer, a few steps here) writes a model that
+    configs/reasoning_skill.yaml then trains with GRPO, validating on the held-out split."""
+    os.symlink(REPO / "configs", tmp_path / "configs")
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+    warm = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "warm_start_sft.py"), "--steps", "3", "--train-size", "64", "--batch-size", "8",
+         "--out", "outputs/chain_sum_warm_start"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert warm.returncode == 0, warm.stderr[-3000:]
+    assert (tmp_path / "outputs/chain_sum_warm_start/config.json").is_file()
+    command = [
+        sys.executable, "-m", "retrain.cli", "fit", "--config", "configs/reasoning_skill.yaml",
+        "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
+        "--trainer.enable_progress_bar", "false", "--model.init_args.num_generations", "2", "--data.init_args.batch_size", "2",
+    ]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    [metrics_file] = (tmp_path / "outputs/reasoning_skill/csv").glob("version_*/metrics.csv")
+    validated = [r for r in csv.DictReader(metrics_file.open()) if r.get("val/pass@1")]
+    assert validated and 0.0 <= float(validated[0]["val/pass@1"]) <= float(validated[0]["val/pass@4"]) <= 1.0

@@ -56,6 +56,7 @@ import argparse
 import json
 import math
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -63,13 +64,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import skill_task
 from common import add_common_arguments, commit, machine, run_script_child, trl_no_checkpointing, write_results
 
 LIBRARIES = ("retrain", "trl")
 COLORS = {"retrain": "#08519c", "trl": "#d94801"}
 THRESHOLD = 0.9  # the reward a run has "learned" the task at
 SMOOTHING = 20  # steps in the trailing moving mean for steps-to-threshold and the plot
-TOLERANCE = 0.02  # retrain's last-10% mean may be this much below TRL's and still count as "as well"
+TOLERANCE = 0.02  # retrain's last-10% mean (skill: held-out pass@1) may be this much below TRL's and still count as "as well"
+TARGET_GAIN = 0.20  # skill: the held-out pass@1 RL should add to the warm start's (seed mean)
 
 
 @dataclass
@@ -94,14 +97,26 @@ class Spec:
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8  # torch.optim.AdamW's default, which retrain uses; TRL's default too
     threads: int = 1  # torch threads in each run; 0 = torch's default
+    task: str = "letter"  # or "skill" (skill_task.py: configs/reasoning_skill.yaml from its warm start)
+    eval_every: int = 0  # skill: held-out evaluation every this many steps (and before the first)
+    eval_samples: int = 4  # skill: held-out samples per problem
+    heldout_size: int = 0  # skill: held-out problems evaluated (0: the config's split, all of it)
 
 
 def make_data(spec: Spec) -> Any:
-    """The seeded `retrain.PromptDataModule` of the quickstart's prompts; both libraries' prompts come from it."""
+    """The seeded `retrain.PromptDataModule` of the task's prompts; both libraries' prompts come from it."""
     from retrain import PromptDataModule
     from retrain.tasks.repeat_letter import make_prompts
 
+    if spec.task == "skill":
+        return skill_task.train_data(spec.prompts, spec.seed)
     return PromptDataModule(prompts=make_prompts(), batch_size=spec.prompts, seed=spec.seed)
+
+
+def make_heldout(spec: Spec) -> "skill_task.HeldOut | None":
+    if spec.task != "skill":
+        return None
+    return skill_task.HeldOut(spec.model_dir, spec.eval_samples, spec.completion_length, spec.seed, spec.heldout_size)
 
 
 def prompt_stream(spec: Spec) -> list[list[Any]]:
@@ -113,9 +128,9 @@ def prompt_stream(spec: Spec) -> list[list[Any]]:
 
 
 # ---------------------------------------------------------------------------------------- children
-def run_retrain(spec: Spec) -> tuple[list[float], float]:
+def run_retrain(spec: Spec, heldout: "skill_task.HeldOut | None") -> tuple[list[float], float]:
     """`retrain fit`'s path: a GRPOTrainer under lightning.Trainer; the mean reward of every step, and the
-    seconds `fit` took."""
+    seconds `fit` took (less the held-out evaluations')."""
     import lightning.pytorch as pl
 
     from retrain import GRPOTrainer, PolicyConfig, RewardCalculator, RewardSpec
@@ -124,13 +139,23 @@ def run_retrain(spec: Spec) -> tuple[list[float], float]:
         def __init__(self) -> None:
             self.rewards: list[float] = []
 
+        def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            if heldout is not None:
+                heldout(pl_module.policy, 0)
+
         def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
             self.rewards.append(float(trainer.callback_metrics["train/reward"]))  # this generation's rollouts
+            if heldout is not None and (trainer.global_step % spec.eval_every == 0 or trainer.global_step == spec.steps):
+                heldout(pl_module.policy, trainer.global_step)
 
+    if spec.task == "skill":
+        reward = RewardSpec(name="reasoning_gym_score", kwargs=skill_task.recipe()["reward_kwargs"])
+    else:
+        reward = RewardSpec(name="retrain.tasks.repeat_letter:letter_fraction")
     pl.seed_everything(spec.seed, verbose=False)
     algo = GRPOTrainer(
         policy=PolicyConfig(name_or_path=spec.model_dir),
-        reward=RewardCalculator([RewardSpec(name="retrain.tasks.repeat_letter:letter_fraction")]),
+        reward=RewardCalculator([reward]),
         num_generations=spec.generations, max_completion_length=spec.completion_length, temperature=spec.temperature,
         learning_rate=spec.learning_rate, lr_scheduler_type="constant", loss_type=spec.loss_type,
         scale_rewards=spec.scale_rewards, beta=spec.beta, epsilon=spec.epsilon, max_grad_norm=spec.max_grad_norm,
@@ -144,14 +169,15 @@ def run_retrain(spec: Spec) -> tuple[list[float], float]:
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         callbacks=[recorder],
     )
-    return recorder.rewards, time.perf_counter() - started
+    return recorder.rewards, time.perf_counter() - started - (heldout.seconds if heldout else 0.0)
 
 
-def run_trl(spec: Spec, scratch: str) -> tuple[list[float], float]:
+def run_trl(spec: Spec, scratch: str, heldout: "skill_task.HeldOut | None") -> tuple[list[float], float]:
     """trl.GRPOTrainer with the same options and prompts; the mean reward of every step, and the seconds
-    `train` took."""
+    `train` took (less the held-out evaluations')."""
     import datasets
     from datasets import Dataset
+    from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     from retrain.tasks.repeat_letter import letter_fraction
@@ -165,7 +191,26 @@ def run_trl(spec: Spec, scratch: str) -> tuple[list[float], float]:
         rewards.append(sum(scores) / len(scores))
         return scores
 
-    rows = [{"prompt": r.prompt, "answer": r.answer} for batch in prompt_stream(spec) for r in batch]
+    def reasoning_gym_batch(prompts: list, completions: list, metadata: list, **_: Any) -> list[float]:
+        """TRL's batch form of `reasoning_gym_score` (the record's metadata travels as JSON)."""
+        options = skill_task.recipe()["reward_kwargs"]
+        scores = [skill_task.score(skill_task.trl_text(c), json.loads(m), **options) for c, m in zip(completions, metadata)]
+        rewards.append(sum(scores) / len(scores))
+        return scores
+
+    class HeldOutCallback(TrainerCallback):
+        def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **_: Any) -> None:
+            heldout(model, 0)
+
+        def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **_: Any) -> None:
+            if state.global_step % spec.eval_every == 0 or state.global_step == spec.steps:
+                heldout(model, state.global_step)
+
+    if spec.task == "skill":
+        rows, reward_func = skill_task.trl_rows(prompt_stream(spec)), reasoning_gym_batch
+    else:
+        rows = [{"prompt": r.prompt, "answer": r.answer} for batch in prompt_stream(spec) for r in batch]
+        reward_func = letter_fraction_batch
     config = GRPOConfig(
         output_dir=scratch, report_to="none", use_cpu=True, bf16=False, **trl_no_checkpointing(),
         logging_steps=1, save_strategy="no", disable_tqdm=True, seed=spec.seed,
@@ -178,10 +223,13 @@ def run_trl(spec: Spec, scratch: str) -> tuple[list[float], float]:
         max_grad_norm=spec.max_grad_norm, weight_decay=spec.weight_decay,
         adam_beta1=spec.adam_beta1, adam_beta2=spec.adam_beta2, adam_epsilon=spec.adam_epsilon,
     )
-    trainer = GRPOTrainer(model=spec.model_dir, reward_funcs=letter_fraction_batch, args=config, train_dataset=Dataset.from_list(rows))
+    trainer = GRPOTrainer(
+        model=spec.model_dir, reward_funcs=reward_func, args=config, train_dataset=Dataset.from_list(rows),
+        callbacks=[HeldOutCallback()] if heldout is not None else None,
+    )
     started = time.perf_counter()
     trainer.train()
-    return rewards, time.perf_counter() - started
+    return rewards, time.perf_counter() - started - (heldout.seconds if heldout else 0.0)
 
 
 def child_main(library: str, spec: Spec, result_file: str) -> None:
@@ -193,12 +241,15 @@ def child_main(library: str, spec: Spec, result_file: str) -> None:
 
         torch.set_num_threads(spec.threads)
     started = time.perf_counter()
+    heldout = make_heldout(spec)
     with tempfile.TemporaryDirectory() as scratch:
-        rewards, train_seconds = run_retrain(spec) if library == "retrain" else run_trl(spec, scratch)
+        rewards, train_seconds = run_retrain(spec, heldout) if library == "retrain" else run_trl(spec, scratch, heldout)
     result = {
         "library": library, "seed": spec.seed, "rewards": rewards, "train_seconds": train_seconds,
-        "process_seconds": time.perf_counter() - started,  # with imports and model loading
+        "process_seconds": time.perf_counter() - started,  # with imports, model loading and held-out evaluations
     }
+    if heldout is not None:
+        result["heldout"] = heldout.history
     Path(result_file).write_text(json.dumps(result))
 
 
@@ -325,19 +376,46 @@ def plot(record: dict[str, Any], path: Path) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=800, help="optimizer steps per run (one generation each)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--prompts", type=int, default=16, help="prompts per step")
-    parser.add_argument("--generations", type=int, default=8, help="num_generations (rollouts per prompt)")
-    parser.add_argument("--completion-length", type=int, default=8, help="max_completion_length")
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--task", choices=("letter", "skill"), default="letter",
+                        help="letter: the quickstart's task from scratch; skill: configs/reasoning_skill.yaml from its warm start")
+    parser.add_argument("--steps", type=int, help="optimizer steps per run, one generation each (letter: 800; skill: the config's)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="letter: 0 1; skill: 0 1 2")
+    parser.add_argument("--prompts", type=int, help="prompts per step (letter: 16; skill: the config's)")
+    parser.add_argument("--generations", type=int, help="num_generations, rollouts per prompt (letter: 8; skill: the config's)")
+    parser.add_argument("--completion-length", type=int, help="max_completion_length (letter: 8; skill: the config's)")
+    parser.add_argument("--learning-rate", type=float, help="letter: 1e-3; skill: the config's")
+    parser.add_argument("--eval-every", type=int, help="skill: held-out evaluation every this many steps (the config's val_check_interval)")
+    parser.add_argument("--heldout", type=int, default=0, help="skill: evaluate the first N held-out problems (0: all)")
+    parser.add_argument("--warm-start", default=str(skill_task.REPO / skill_task.recipe()["warm_start"]),
+                        help="skill: the starting model; built with examples/warm_start_sft.py when missing")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for both libraries (0 = torch's default)")
     add_common_arguments(parser, LIBRARIES)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.task == "skill":
+        r = skill_task.recipe()
+        defaults = {"steps": r["steps"], "seeds": [0, 1, 2], "prompts": r["prompts"], "generations": r["generations"],
+                    "completion_length": r["completion_length"], "learning_rate": r["learning_rate"], "eval_every": r["eval_every"]}
+    else:
+        defaults = {"steps": 800, "seeds": [0, 1], "prompts": 16, "generations": 8, "completion_length": 8, "learning_rate": 1e-3, "eval_every": 0}
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
+
+
+def warm_start(path: Path) -> Path:
+    """The skill task's starting model: `path`, built by examples/warm_start_sft.py first when it is missing."""
+    if not (path / "config.json").is_file():
+        print(f"building the warm start into {path} (examples/warm_start_sft.py, about 8 minutes)", file=sys.stderr)
+        script = skill_task.REPO / "examples" / "warm_start_sft.py"
+        done = subprocess.run([sys.executable, str(script), "--out", str(path)], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"the warm start failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
+    return path
 
 
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
-    """Build the model, run both libraries for every seed, and return the full record."""
+    """Build (or find) the model, run both libraries for every seed, and return the full record."""
     from transformers.utils import logging as hf_logging
 
     from retrain.models.tiny import TinyModelConfig, build_tiny_model
@@ -346,28 +424,45 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     started, load_before = time.perf_counter(), os.getloadavg()[0]
     runs = []
     with tempfile.TemporaryDirectory() as scratch:
-        model_dir = build_tiny_model(Path(scratch) / "model", TinyModelConfig(hidden_size=64, num_layers=2))
+        if args.task == "skill":
+            model_dir = warm_start(Path(args.warm_start))
+        else:
+            model_dir = build_tiny_model(Path(scratch) / "model", TinyModelConfig(hidden_size=64, num_layers=2))
         parameters = _parameters(model_dir)
         for i, seed in enumerate(args.seeds):  # alternate who goes first, so drift in machine load hits both alike
             spec = Spec(str(model_dir), args.steps, seed, args.prompts, args.generations, args.completion_length,
-                        args.learning_rate, threads=args.threads)
+                        args.learning_rate, threads=args.threads, task=args.task, eval_every=args.eval_every,
+                        heldout_size=args.heldout)
+            if args.task == "skill":
+                r = skill_task.recipe()
+                spec.temperature, spec.loss_type, spec.scale_rewards, spec.eval_samples = (
+                    r["temperature"], r["loss_type"], r["scale_rewards"], r["eval_samples"])
             for library in LIBRARIES if i % 2 == 0 else LIBRARIES[::-1]:
                 runs.append(run_child(library, spec))
-                print(f"{library:>7} seed {seed}: last-10% reward {window_means(runs[-1]['rewards'])[1]:.3f} "
-                      f"in {runs[-1]['train_seconds']:.0f} s", file=sys.stderr)
+                last = runs[-1]
+                progress = (f"held-out pass@1 {last['heldout'][0]['pass@1']:.3f} -> {last['heldout'][-1]['pass@1']:.3f}"
+                            if "heldout" in last else f"last-10% reward {window_means(last['rewards'])[1]:.3f}")
+                print(f"{library:>7} seed {seed}: {progress} in {last['train_seconds']:.0f} s", file=sys.stderr)
     config = {k: v for k, v in asdict(spec).items() if k not in ("model_dir", "seed")}
-    results = summarize(runs)
-    return {
-        "benchmark": "learning",
+    record: dict[str, Any] = {
+        "benchmark": "learning_skill" if args.task == "skill" else "learning",
         "commit": commit(),
         "machine": machine(load_before, args.threads),
-        "config": {**config, "seeds": args.seeds, "threshold": THRESHOLD, "smoothing_steps": SMOOTHING},
         "model_parameters": parameters,
-        "results": results,
-        "verdict": verdict(results),
         "runs": runs,
-        "wall_seconds": time.perf_counter() - started,
     }
+    if args.task == "skill":
+        r = skill_task.recipe()
+        record["config"] = {**config, "seeds": args.seeds, "task_name": r["source"]["task"], "task_kwargs": r["source"]["task_kwargs"],
+                            "heldout_problems": args.heldout or r["val_source"]["size"], "warm_start": str(model_dir)}
+        record["results"] = skill_task.summarize(runs, LIBRARIES)
+        record["verdict"] = skill_task.verdict(record["results"], TARGET_GAIN, TOLERANCE)
+    else:
+        record["config"] = {**config, "seeds": args.seeds, "threshold": THRESHOLD, "smoothing_steps": SMOOTHING}
+        record["results"] = summarize(runs)
+        record["verdict"] = verdict(record["results"])
+    record["wall_seconds"] = time.perf_counter() - started
+    return record
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -375,14 +470,21 @@ def main(argv: list[str] | None = None) -> None:
     if args.child:
         return child_main(args.child, Spec(**json.loads(args.spec)), args.result_file)
     record = run_benchmark(args)
-    table = markdown(record)
-    out = write_results(args.out_dir, "learning", record, table)
-    plot(record, out / "learning.png")
-    print(table)
-    v = record["verdict"]
-    print(f"verdict: retrain {'learns' if v['learns_at_least_as_well'] else 'does NOT learn'} at least as well as TRL "
-          f"(last-10% reward {record['results']['retrain']['last_10pct_reward']:.3f} vs {record['results']['trl']['last_10pct_reward']:.3f}, "
-          f"tolerance {TOLERANCE}).")
+    name = record["benchmark"]
+    if args.task == "skill":
+        table = skill_task.markdown(record)
+        out = write_results(args.out_dir, name, record, table)
+        skill_task.plot(record, out / f"{name}.png", COLORS, SMOOTHING)
+        print(table)
+    else:
+        table = markdown(record)
+        out = write_results(args.out_dir, name, record, table)
+        plot(record, out / f"{name}.png")
+        print(table)
+        v = record["verdict"]
+        print(f"verdict: retrain {'learns' if v['learns_at_least_as_well'] else 'does NOT learn'} at least as well as TRL "
+              f"(last-10% reward {record['results']['retrain']['last_10pct_reward']:.3f} vs {record['results']['trl']['last_10pct_reward']:.3f}, "
+              f"tolerance {TOLERANCE}).")
     print(json.dumps({k: record[k] for k in ("benchmark", "commit", "config", "results", "verdict", "wall_seconds")}))
 
 

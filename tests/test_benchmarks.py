@@ -91,6 +91,40 @@ def test_learning_smoke(tmp_path: Path) -> None:
     assert isinstance(record["verdict"]["learns_at_least_as_well"], bool)
 
 
+def test_learning_skill_smoke(tmp_path: Path) -> None:
+    """`--task skill`: the recipe's warm start (a few SFT steps here), then both libraries from it, each
+    scored by the one held-out evaluator before training and after every step."""
+    warm = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "warm_start_sft.py"), "--steps", "2", "--train-size", "32", "--batch-size", "8",
+         "--out", str(tmp_path / "warm")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert warm.returncode == 0, warm.stderr[-4000:]
+    command = [
+        sys.executable, str(REPO / "benchmarks" / "learning.py"), "--task", "skill", "--warm-start", str(tmp_path / "warm"),
+        "--steps", "2", "--seeds", "0", "--prompts", "2", "--generations", "2", "--eval-every", "1", "--heldout", "6",
+        "--out-dir", str(tmp_path),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+    record = json.loads((tmp_path / "learning_skill.json").read_text())
+    assert json.loads(done.stdout.strip().splitlines()[-1])["results"] == record["results"]
+    assert record["config"]["task_name"] == "spell_backward" and record["config"]["heldout_problems"] == 6
+    assert "| retrain |" in (tmp_path / "learning_skill.md").read_text()
+    assert (tmp_path / "learning_skill.png").read_bytes().startswith(b"\x89PNG")
+    for library in ("retrain", "trl"):
+        row = record["results"][library]
+        [seed] = row["seeds"]
+        assert [e["step"] for e in seed["heldout"]] == [0, 1, 2]  # before training, then after each step
+        assert all(0.0 <= e["pass@1"] <= e["pass@4"] <= 1.0 and 0.0 <= e["maj@4"] <= 1.0 for e in seed["heldout"])
+        assert row["pass@1_start"] == seed["pass@1_start"] == seed["heldout"][0]["pass@1"]
+        assert row["pass@1_end"] == seed["heldout"][-1]["pass@1"] and row["train_seconds_per_run"] > 0
+    # both start from the same weights and draw the same held-out samples at step 0
+    assert record["results"]["retrain"]["pass@1_start"] == record["results"]["trl"]["pass@1_start"]
+    assert all(isinstance(record["verdict"][k], bool) for k in ("retrain_gain_reaches_target", "at_least_as_fast"))
+
+
 def test_generation_smoke(tmp_path: Path) -> None:
     command = [
         sys.executable, str(REPO / "benchmarks" / "generation.py"), "--rows", "3", "--tokens", "4", "--model-size", "tiny",

@@ -58,12 +58,11 @@ def test_the_reasoning_skill_recipe_warm_starts_then_trains_and_validates_held_o
     os.symlink(REPO / "configs", tmp_path / "configs")
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
     warm = subprocess.run(
-        [sys.executable, str(REPO / "examples" / "warm_start_sft.py"), "--steps", "3", "--train-size", "64", "--batch-size", "8",
-         "--out", "outputs/chain_sum_warm_start"],
+        [sys.executable, str(REPO / "examples" / "warm_start_sft.py"), "--steps", "3", "--train-size", "64", "--batch-size", "8"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )
     assert warm.returncode == 0, warm.stderr[-3000:]
-    assert (tmp_path / "outputs/chain_sum_warm_start/config.json").is_file()
+    assert (tmp_path / "outputs/spell_backward_warm_start/config.json").is_file()  # where the config loads it from
     command = [
         sys.executable, "-m", "retrain.cli", "fit", "--config", "configs/reasoning_skill.yaml",
         "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",

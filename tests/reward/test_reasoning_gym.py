@@ -49,3 +49,13 @@ def test_extract_false_scores_the_whole_completion():
     entry = {"question": "2 + 2 =", "answer": "4", "metadata": {"source_dataset": "chain_sum"}}
     assert reasoning_gym_score(completion="<answer>4</answer>", reasoning_gym_entry=entry) == 1.0
     assert reasoning_gym_score(completion="<answer>4</answer>", reasoning_gym_entry=entry, extract=False) < 1.0  # partial credit at most
+
+
+def test_partial_credit_false_turns_the_task_score_into_pass_fail():
+    pytest.importorskip("reasoning_gym")
+    entry = {"question": "Spell this word backward (example: sun -> nus): stone", "answer": "enots",
+             "metadata": {"source_dataset": "spell_backward", "word": "stone"}}
+    partial = reasoning_gym_score(completion="enotz", reasoning_gym_entry=entry)
+    assert partial == pytest.approx(0.8)  # spell_backward: 4 of 5 letters in place
+    assert reasoning_gym_score(completion="enotz", reasoning_gym_entry=entry, partial_credit=False) == 0.0
+    assert reasoning_gym_score(completion="enots", reasoning_gym_entry=entry, partial_credit=False) == 1.0

@@ -52,6 +52,7 @@ def reasoning_gym_score(
     reasoning_gym_task: Optional[str] = None,
     reasoning_gym_config: Optional[dict[str, Any]] = None,
     extract: bool = True,
+    partial_credit: bool = True,
     **_: Any,
 ) -> float:
     """The reasoning-gym task's score (0.0 to 1.0) of the completion's answer.
@@ -62,6 +63,9 @@ def reasoning_gym_score(
         reasoning_gym_task: the task name (default: the entry's ``source_dataset``).
         reasoning_gym_config: the task options the entry was generated with.
         extract: score `extract_answer(completion)`; False scores the whole stripped completion.
+        partial_credit: keep the task's partial credit (e.g. spell_backward's share of letters in
+            place); False gives 1.0 for a fully correct answer and 0.0 for anything else, the
+            pass/fail that held-out pass@1 counts.
     """
     if reasoning_gym_entry is None:
         raise ValueError(
@@ -73,7 +77,8 @@ def reasoning_gym_score(
         raise ValueError("reward 'reasoning_gym_score': the entry names no task; set 'reasoning_gym_task' in the metadata.")
     answer = extract_answer(completion) if extract else completion.strip()
     config = json.dumps(reasoning_gym_config or {}, sort_keys=True, default=str)
-    return float(_scorer(task, config)(answer=answer, entry=reasoning_gym_entry))
+    score = float(_scorer(task, config)(answer=answer, entry=reasoning_gym_entry))
+    return score if partial_credit else float(score >= 1.0)
 
 
 @functools.lru_cache(maxsize=64)

@@ -199,9 +199,10 @@ def run_trl(spec: Spec, scratch: str, heldout: "skill_task.HeldOut | None") -> t
         rewards.append(sum(scores) / len(scores))
         return scores
 
+    options = skill_task.recipe()["reward_kwargs"] if spec.task == "skill" else {}
+
     def reasoning_gym_batch(prompts: list, completions: list, metadata: list, **_: Any) -> list[float]:
         """TRL's batch form of `reasoning_gym_score` (the record's metadata travels as JSON)."""
-        options = skill_task.recipe()["reward_kwargs"]
         scores = [skill_task.score(skill_task.trl_text(c), json.loads(m), **options) for c, m in zip(completions, metadata)]
         rewards.append(sum(scores) / len(scores))
         return scores

@@ -18,6 +18,7 @@ was. Its seconds are reported and not counted as training time.
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import time
 from pathlib import Path
@@ -29,8 +30,9 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "reasoning_skill.yaml"
 
 
+@functools.lru_cache(maxsize=None)
 def recipe(path: Path = CONFIG) -> dict[str, Any]:
-    """The config's task, data and GRPO settings the benchmark mirrors."""
+    """The config's task, data and GRPO settings the benchmark mirrors (read once; callers do not mutate it)."""
     config = yaml.safe_load(path.read_text())
     model, data = config["model"]["init_args"], config["data"]["init_args"]
     return {

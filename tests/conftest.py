@@ -13,6 +13,44 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
 
+HANG_GUARD_SECONDS = 30.0  # how long a meeting waits: only a serial (or deadlocked) schedule ever gets there
+
+
+class Meeting:
+    """Proof of concurrency without a stopwatch: `await meeting.attend()` returns only once
+    `parties` callers are waiting at once, round after round; a caller left waiting alone for
+    `HANG_GUARD_SECONDS` (what a serial schedule gets) raises `TimeoutError`. For coroutines on one
+    event loop; threads meet at a `threading.Barrier` instead."""
+
+    def __init__(self, parties: int) -> None:
+        self.parties = parties
+        self.waiting = 0
+        self.rounds = 0  # how many rounds every party attended
+        self.peak = 0  # the most callers ever waiting at once
+        self._event = None
+
+    async def attend(self) -> None:
+        import asyncio
+
+        if self._event is None:
+            self._event = asyncio.Event()
+        event = self._event
+        self.waiting += 1
+        self.peak = max(self.peak, self.waiting)
+        if self.waiting == self.parties:
+            self.waiting, self._event, self.rounds = 0, None, self.rounds + 1
+            event.set()
+        try:
+            await asyncio.wait_for(event.wait(), HANG_GUARD_SECONDS)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"waited {HANG_GUARD_SECONDS:g} s for {self.parties} concurrent callers; {self.waiting} came") from None
+
+
+@pytest.fixture
+def meeting():
+    """`meeting(parties)`: a `Meeting`, see there."""
+    return Meeting
+
 
 @pytest.fixture(scope="session")
 def device():

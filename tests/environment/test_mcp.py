@@ -29,6 +29,7 @@ from retrain.environment.tools import ToolError  # noqa: E402
 pytestmark = pytest.mark.timeout(60)
 
 TEST_SERVER = str(Path(__file__).parent / "servers" / "mcp_test_server.py")
+HANG_GUARD = 30.0  # seconds: a bound only a hang breaks; what a test proves is its outcome, not its speed
 
 
 def calculator(**kwargs: Any) -> MCPToolProvider:
@@ -49,7 +50,7 @@ def run(provider: MCPToolProvider, body: Callable[[MCPToolProvider], Awaitable[A
         finally:
             started = time.monotonic()
             await provider.close()
-            assert time.monotonic() - started < 10, "close() took too long"
+            assert time.monotonic() - started < HANG_GUARD, "close() hung"
 
     return asyncio.run(main())
 
@@ -141,22 +142,19 @@ def test_allow_list_naming_a_missing_tool_fails_at_start():
 
 def test_timeout_is_a_tool_error_and_the_server_keeps_working():
     async def body(provider: MCPToolProvider):
-        started = time.monotonic()
-        with pytest.raises(ToolError, match=r"tool 'slow' timed out after 1 s"):
-            await provider.call("slow", {"seconds": 30})
-        assert time.monotonic() - started < 1 + 3
+        with pytest.raises(ToolError, match=r"tool 'slow' timed out after 1 s"):  # a call of 10 minutes, cut off
+            await provider.call("slow", {"seconds": 600})
         assert await provider.call("slow", {"seconds": 0.1}) == "slept 0.1 s"
         assert provider.restarts == 0
 
     run(our_server(call_timeout=1.0), body)
 
 
-def test_slow_calls_run_concurrently():
+def test_calls_run_concurrently():
     async def body(provider: MCPToolProvider):
-        started = time.monotonic()
-        results = await asyncio.gather(*(provider.call("slow", {"seconds": 1}) for _ in range(8)))
-        assert results == ["slept 1 s"] * 8
-        assert time.monotonic() - started < 4  # not 8 s one after the other
+        # The server answers only once all 8 calls are in flight at once; serially, the first fails.
+        results = await asyncio.gather(*(provider.call("meet", {"parties": 8, "timeout": HANG_GUARD}) for _ in range(8)))
+        assert results == ["met"] * 8
 
     run(our_server(), body)
 
@@ -240,7 +238,7 @@ def test_server_that_cannot_start_raises_server_error_with_stderr(tmp_path: Path
     started = time.monotonic()
     with pytest.raises(MCPServerError, match="refuse-4712"):
         asyncio.run(provider.start())
-    assert time.monotonic() - started < 10
+    assert time.monotonic() - started < HANG_GUARD
 
 
 def test_startup_timeout():
@@ -249,7 +247,7 @@ def test_startup_timeout():
     started = time.monotonic()
     with pytest.raises(MCPServerError, match="did not start within startup_timeout=1 s"):
         asyncio.run(provider.start())
-    assert time.monotonic() - started < 8
+    assert time.monotonic() - started < HANG_GUARD  # the "server" would sleep 60 s
 
 
 def test_missing_executable_is_a_server_error():
@@ -403,7 +401,7 @@ def test_streamable_http_server_gone_raises_server_error(http_server: HttpServer
         started = time.monotonic()
         with pytest.raises(MCPServerError, match="restarting it failed too"):
             await provider.call("echo", {"text": "b"})
-        assert time.monotonic() - started < 10
+        assert time.monotonic() - started < HANG_GUARD
 
     run(MCPToolProvider(url=http_server.url, startup_timeout=5.0), body)
 
@@ -413,7 +411,7 @@ def test_streamable_http_unreachable_is_a_server_error():
     started = time.monotonic()
     with pytest.raises(MCPServerError):
         asyncio.run(provider.start())
-    assert time.monotonic() - started < 10
+    assert time.monotonic() - started < HANG_GUARD
 
 
 def test_result_text_of_every_content_kind():

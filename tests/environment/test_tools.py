@@ -1,5 +1,4 @@
 import asyncio
-import time
 import uuid
 
 import pytest
@@ -60,17 +59,23 @@ def test_function_provider_calls_sync_and_async_tools():
     assert asyncio.run(run()) == ("42", "hi")
 
 
-def test_async_tools_run_concurrently():
-    provider = FunctionToolProvider([slow_echo])
+def test_async_tools_run_concurrently(meeting):
+    everyone = meeting(5)
+
+    async def meet(text: str) -> str:
+        """Return the text once all five calls are in flight.
+
+        Args:
+            text: what to return.
+        """
+        await everyone.attend()
+        return text
 
     async def run():
-        started = time.perf_counter()
-        results = await asyncio.gather(*(provider.call("slow_echo", {"text": str(i), "seconds": 0.3}) for i in range(5)))
-        return results, time.perf_counter() - started
+        return await asyncio.gather(*(FunctionToolProvider([meet]).call("meet", {"text": str(i)}) for i in range(5)))
 
-    results, elapsed = asyncio.run(run())
-    assert results == ["0", "1", "2", "3", "4"]
-    assert elapsed < 1.0  # 5 x 0.3 s in series would be 1.5 s
+    assert asyncio.run(run()) == ["0", "1", "2", "3", "4"]  # a serial schedule would raise TimeoutError
+    assert everyone.rounds == 1
 
 
 @pytest.mark.parametrize(

@@ -14,9 +14,9 @@ the restore used to: see `retrain.data.datamodule._loader`). The `retrain fit` p
 * the resumed run: `--ckpt_path <step-K checkpoint>` continues it to N; and so does `--ckpt_path
   last` (which then is the step-K checkpoint) in a copy of the killed run's directory.
 
-Steps K+1..N of the resumed run must match the reference run's to 1e-6. A file-path reward sleeps
-a little each generation, so a step takes long enough for the kill to land between checkpoints,
-and writes every completion it scores to a file, so the sampled text is compared too.
+Steps K+1..N of the resumed run must match the reference run's to 1e-6. A file-path reward
+writes every completion it scores to a file, so the sampled text is compared too; in the run to be
+killed it blocks from step K+1 on, so the kill lands between checkpoints however slow the machine.
 """
 
 from __future__ import annotations
@@ -42,19 +42,27 @@ ROLLOUTS = BATCH * GENERATIONS
 COMPARED = ("train/loss", "train/reward", "train/learning_rate", "train/kl", "train/entropy", "train/reward_std")
 TOLERANCE = 1e-6
 
-SLOW_REWARD = '''
+LOGGED_REWARD = '''
 import os
 import threading
 import time
 
 _lock = threading.Lock()
+_calls = 0
 
 
-def slow_logged(completion, prompt, **_):
-    """0 reward; appends the completion to $COMPLETIONS_LOG; slows each generation down a little."""
-    time.sleep(0.25)
-    with _lock, open(os.environ["COMPLETIONS_LOG"], "a", encoding="utf-8") as handle:
-        handle.write(repr((prompt, completion)) + "\\n")
+def logged(completion, prompt, **_):
+    """0 reward; appends the completion to $COMPLETIONS_LOG. With $PAUSE_AFTER_CALLS=n, every call
+    after the n-th blocks instead: the process waits, between two checkpoints, to be killed."""
+    global _calls
+    with _lock:
+        _calls += 1
+        paused = 0 <= int(os.environ.get("PAUSE_AFTER_CALLS", "-1")) < _calls
+        if not paused:
+            with open(os.environ["COMPLETIONS_LOG"], "a", encoding="utf-8") as handle:
+                handle.write(repr((prompt, completion)) + "\\n")
+    if paused:
+        time.sleep(3600)
     return 0.0
 '''
 
@@ -88,7 +96,7 @@ def _write_run_dir(run: Path, model_dir: Path) -> None:
                 "reward": {
                     "rewards": [
                         {"name": "retrain.tasks.repeat_letter:letter_fraction"},
-                        {"name": "slow_reward.py:slow_logged"},
+                        {"name": "logged_reward.py:logged"},
                     ]
                 },
                 "num_generations": GENERATIONS,
@@ -106,7 +114,7 @@ def _write_run_dir(run: Path, model_dir: Path) -> None:
             "init_args": {"prompts": [{"prompt": f"repeat {c}: ", "answer": c} for c in "abcde"], "batch_size": BATCH, "seed": 7},
         },
     }
-    (run / "slow_reward.py").write_text(SLOW_REWARD, encoding="utf-8")
+    (run / "logged_reward.py").write_text(LOGGED_REWARD, encoding="utf-8")
     (run / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
 
 
@@ -114,11 +122,15 @@ def _command(*args: str) -> list[str]:
     return [sys.executable, "-m", "retrain.cli", "fit", "--config", "config.yaml", *args]
 
 
-def _env(log: Path) -> dict[str, str]:
-    return {
+def _env(log: Path, pause_after: int | None) -> dict[str, str]:
+    env = {
         **os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
         "COMPLETIONS_LOG": str(log),
     }
+    env.pop("PAUSE_AFTER_CALLS", None)
+    if pause_after is not None:
+        env["PAUSE_AFTER_CALLS"] = str(pause_after)
+    return env
 
 
 @pytest.fixture
@@ -126,10 +138,10 @@ def start():
     """Start `retrain fit` in a run directory (output to a file there); kills what is left at the end."""
     started: list[subprocess.Popen] = []
 
-    def _start(run: Path, log: Path, *args: str) -> subprocess.Popen:
+    def _start(run: Path, log: Path, *args: str, pause_after: int | None = None) -> subprocess.Popen:
         output = run / f"output{len(started)}.txt"
         with output.open("w") as handle:
-            process = subprocess.Popen(_command(*args), cwd=run, env=_env(log), stdout=handle, stderr=subprocess.STDOUT)
+            process = subprocess.Popen(_command(*args), cwd=run, env=_env(log, pause_after), stdout=handle, stderr=subprocess.STDOUT)
         process.output = output  # type: ignore[attr-defined]
         started.append(process)
         return process
@@ -151,7 +163,7 @@ def _kill_after_checkpoint(process: subprocess.Popen, ckpt_dir: Path, step: int,
 
     Lightning writes the step file, then `last.ckpt` (each through a temporary file); to be safe
     against a partial write all the same, both sizes must stay put over a few polls, and `last.ckpt`
-    must be newer than the step file. The slow reward leaves ~0.5 s until the next checkpoint.
+    must be newer than the step file. The run's reward blocks from step K+1 on, so it cannot get further.
     """
     target, last = ckpt_dir / f"step={step}.ckpt", ckpt_dir / "last.ckpt"
     deadline = time.monotonic() + timeout
@@ -201,7 +213,9 @@ def test_killed_run_resumed_from_its_checkpoint_matches_the_uninterrupted_run(tm
 
     # The reference run and the run to be killed go side by side (the comparison is exact either way).
     uninterrupted_process = start(reference, reference / "completions.log")
-    killed = start(interrupted, interrupted / "completions.log")
+    # Its reward blocks from step K+1's first call on, after the step-K checkpoints are written:
+    # the kill lands between checkpoints however slow the machine is.
+    killed = start(interrupted, interrupted / "completions.log", pause_after=KILL_AT * ROLLOUTS)
     _kill_after_checkpoint(killed, interrupted / "ckpt", KILL_AT)
     ckpt = interrupted / "ckpt"
     saved = torch.load(ckpt / f"step={KILL_AT}.ckpt", weights_only=False, map_location="cpu")

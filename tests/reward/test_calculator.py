@@ -10,6 +10,7 @@ import uuid
 
 import pytest
 
+from retrain.core.errors import ConfigError
 from retrain.reward.calculator import RewardCalculator, RewardError, RewardResult, RewardSpec, VerifierSpec
 from retrain.reward.registry import REWARDS, VERIFIERS, reward, verifier
 
@@ -260,58 +261,135 @@ def test_async_verifier_is_awaited(one_turn):
     assert result.verifier_passed == {name: [True, False]}
 
 
+HANG_GUARD = 30.0  # seconds: only a broken (serial or deadlocked) schedule ever waits this long
+
+
 def test_async_rewards_run_concurrently(one_turn):
-    async def slow_one(completion):
-        await asyncio.sleep(0.2)
+    # All 4 rollouts' calls must be in flight at once to pass the event: a serial schedule never sets
+    # it, and the first call fails after HANG_GUARD instead of hanging.
+    in_flight, everyone_in = 0, None
+
+    async def meets_the_others(completion):
+        nonlocal in_flight, everyone_in
+        everyone_in = everyone_in or asyncio.Event()
+        in_flight += 1
+        if in_flight == 4:
+            everyone_in.set()
+        await asyncio.wait_for(everyone_in.wait(), HANG_GUARD)
         return 1.0
 
-    async def slow_two(completion):
-        await asyncio.sleep(0.2)
+    async def second(completion):
         return 2.0
 
-    calc = RewardCalculator([RewardSpec(name=register_reward(slow_one)), RewardSpec(name=register_reward(slow_two))])
-    trajectories = [one_turn(str(i)) for i in range(4)]
-
-    start = time.perf_counter()
-    result = calc.score(trajectories)
-    elapsed = time.perf_counter() - start
-
-    assert result.total == [3.0] * 4
-    # Serial: 2 functions x 4 rollouts x 0.2 s = 1.6 s. Rollouts run concurrently (0.4 s expected).
-    assert elapsed < 1.0
+    calc = RewardCalculator([RewardSpec(name=register_reward(meets_the_others)), RewardSpec(name=register_reward(second))])
+    assert calc.score([one_turn(str(i)) for i in range(4)]).total == [3.0] * 4
 
 
-def test_cheap_sync_rewards_run_on_the_loop_and_slow_ones_move_to_worker_threads(one_turn):
-    seen: dict[str, list[bool]] = {"cheap": [], "slow": [], "bounded": []}
+def on_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
 
-    def on_main_thread() -> bool:
-        return threading.current_thread() is threading.main_thread()
+
+class Clock:
+    """A clock that only moves when a test says so: what "slow" means is the test's decision."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_inline_policy_moves_on_the_median_not_on_one_slow_call():
+    from retrain.reward.calculator import InlinePolicy
+
+    fast, slow = 0.0001, 0.5
+    spike = InlinePolicy(threshold=0.002, window=5)
+    assert [spike.observe(s) for s in [fast, slow, fast, fast, slow, fast, fast]] == [False] * 7  # one GC pause
+    first_slow = InlinePolicy(threshold=0.002, window=5)
+    assert [first_slow.observe(s) for s in [slow, fast, fast]] == [False] * 3  # a slow first call (a lazy import)
+    blocking = InlinePolicy(threshold=0.002, window=5)
+    assert [blocking.observe(s) for s in [slow, slow]] == [False, True]  # judged from the second call
+    turning = InlinePolicy(threshold=0.002, window=5)
+    assert [turning.observe(s) for s in [fast, fast, fast, slow, slow, slow]] == [False] * 5 + [True]  # 3 of the last 5
+    assert turning.observe(fast) is True  # for good
+    at_threshold = InlinePolicy(threshold=0.002, window=5)
+    assert [at_threshold.observe(0.002) for _ in range(5)] == [False] * 5  # "exceeds" is strict
+
+
+def test_where_sync_rewards_run_follows_execution_and_the_measured_cost(one_turn):
+    seen: dict[str, list[bool]] = {"cheap": [], "blocking": [], "bounded": [], "inline": [], "thread": []}
+    clock = Clock()
 
     def cheap(completion):
         seen["cheap"].append(on_main_thread())
         return 1.0
 
-    def slow(completion):  # a blocking call (e.g. an HTTP judge): worker threads overlap the waits
-        seen["slow"].append(on_main_thread())
-        time.sleep(0.1)
+    def blocking(completion):  # e.g. an HTTP judge: each call costs 0.1 s on the test's clock
+        seen["blocking"].append(on_main_thread())
+        clock.now += 0.1
         return 1.0
 
     def bounded(completion):
         seen["bounded"].append(on_main_thread())
         return 1.0
 
-    calc = RewardCalculator([
-        RewardSpec(name=register_reward(cheap)), RewardSpec(name=register_reward(slow)),
-        RewardSpec(name=register_reward(bounded), timeout=5.0),
-    ])
-    started = time.perf_counter()
-    assert calc.score([one_turn(str(i)) for i in range(8)]).total == [3.0] * 8
-    elapsed = time.perf_counter() - started
+    def inline(completion):  # measured slow, but declared inline
+        seen["inline"].append(on_main_thread())
+        clock.now += 1.0
+        return 1.0
 
-    assert seen["cheap"] == [True] * 8  # no thread hand-off for a microsecond check
-    assert seen["slow"][0] and not any(seen["slow"][1:])  # one call blocked the loop; the rest ran in threads
+    def thread(completion):  # cheap, but declared as needing a thread
+        seen["thread"].append(on_main_thread())
+        return 1.0
+
+    calc = RewardCalculator([
+        RewardSpec(name=register_reward(cheap)), RewardSpec(name=register_reward(blocking)),
+        RewardSpec(name=register_reward(bounded), timeout=5.0),
+        RewardSpec(name=register_reward(inline), execution="inline"),
+        RewardSpec(name=register_reward(thread), execution="thread"),
+    ])
+    calc._clock = clock
+    assert calc.score([one_turn(str(i)) for i in range(8)]).total == [5.0] * 8
+
+    assert seen["cheap"] == [True] * 8  # no thread hand-off for a check that costs nothing
+    assert seen["blocking"] == [True, True] + [False] * 6  # two calls judged it; the rest ran in threads
     assert not any(seen["bounded"])  # a timeout needs a thread it can abandon
-    assert elapsed < 0.1 + 7 * 0.1 * 0.75  # the 7 threaded waits overlapped (serially: 0.8 s)
+    assert seen["inline"] == [True] * 8 and not any(seen["thread"])
+
+
+def test_a_blocking_reward_leaves_the_loop_on_the_real_clock(one_turn):
+    # A sleep lasts at least its length, so on any machine these calls measure slow: the one
+    # direction of the wall clock a test can rely on.
+    seen = []
+
+    def sleeps(completion):
+        seen.append(on_main_thread())
+        time.sleep(0.05)
+        return 1.0
+
+    calc = RewardCalculator([RewardSpec(name=register_reward(sleeps))])
+    assert calc.score([one_turn(str(i)) for i in range(4)]).total == [1.0] * 4
+    assert seen == [True, True, False, False]
+
+
+def test_threaded_sync_rewards_overlap(one_turn):
+    # The 4 calls meet at a barrier that only 4 concurrent threads can pass; a serial schedule
+    # breaks it after HANG_GUARD and the reward raises.
+    meeting = threading.Barrier(4, timeout=HANG_GUARD)
+
+    def waits_for_the_others(completion):
+        meeting.wait()
+        return 1.0
+
+    calc = RewardCalculator([RewardSpec(name=register_reward(waits_for_the_others), execution="thread")])
+    assert calc.score([one_turn(str(i)) for i in range(4)]).total == [1.0] * 4
+
+
+def test_inline_with_a_timeout_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"reward.rewards\[0\]: execution 'inline' cannot honour timeout=2"):
+        RewardCalculator([RewardSpec(name="exact_match", execution="inline", timeout=2.0)])
+    with pytest.raises(ConfigError, match=r"reward.rewards\[0\].execution must be 'auto', 'inline' or 'thread', got 'fast'"):
+        RewardCalculator([RewardSpec(name="exact_match", execution="fast")])
 
 
 def test_ascore_can_be_awaited_from_a_running_loop(one_turn):

@@ -10,13 +10,16 @@ For every rollout (and, for `step_rewards`, every turn of it) and every configur
 A turn's step reward is the environment's own reward for it plus the weighted step functions.
 Every value, each verifier's pass/fail and each function's error count are kept for logging.
 
-Execution: async functions are awaited. A sync function runs on the event loop itself while its
-calls stay cheap (each returned within `INLINE_SECONDS`): handing a microsecond check such as
-`exact_match` to a worker thread costs far more than the call (on the quickstart, a thread per
-rollout was 8 ms of each 77 ms step). Once one call takes longer, and always when it has a
-`timeout`, its calls run in worker threads, so a slow check (math verification, a blocking HTTP
-judge) stalls the loop at most once and then runs concurrently with the rest. All rollouts of a
-batch are scored concurrently; within one rollout the functions run in order (a verifier gates
+Execution: async functions are awaited. Where a sync function runs is its `execution`:
+`inline` (on the event loop itself), `thread` (in worker threads) or `auto` (the default): inline
+while its calls stay cheap, since handing a microsecond check such as `exact_match` to a worker
+thread costs far more than the call (on the quickstart, a thread per rollout was 8 ms of each 77 ms
+step), and in worker threads from the moment the median of its last few calls (`InlinePolicy`)
+exceeds `INLINE_SECONDS`, so a slow check (math verification, a blocking HTTP judge) stalls the loop
+for two calls and then runs concurrently with the rest. A median and not one call decides, so a
+single slow call of a cheap function (a GC pause, a busy machine) does not move it to threads for
+the rest of the run. A function with a `timeout` always runs in threads, where the timeout can fire
+(`inline` with a `timeout` is a config error). All rollouts of a batch are scored concurrently; within one rollout the functions run in order (a verifier gates
 cheaply). Faults follow each function's `on_error`: `raise` (the default) stops training with an
 error naming the function and the prompt, because a broken reward silently turned into a number
 trains the wrong thing; `penalty` scores the rollout `error_penalty` and counts it. A function
@@ -30,7 +33,9 @@ import asyncio
 import functools
 import inspect
 import math
+import statistics
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Optional, Sequence, Union
 
@@ -77,6 +82,10 @@ class RewardSpec:
             `error_penalty` and counts it in `train/reward_errors/<label>`.
         error_penalty: the value given when `on_error` is `penalty`.
         timeout: seconds one call may take (None = no limit).
+        execution: where a sync function runs: `auto` (inline while its calls are cheap, worker
+            threads once they are not: see the module docstring), `inline` (always on the event
+            loop: for a function known to be cheap) or `thread` (always in worker threads: for one
+            known to block). Async functions are awaited whatever this says.
     """
 
     name: str
@@ -88,6 +97,7 @@ class RewardSpec:
     on_error: Literal["raise", "penalty"] = "raise"
     error_penalty: float = 0.0
     timeout: Optional[float] = None
+    execution: Literal["auto", "inline", "thread"] = "auto"
 
 
 @dataclass
@@ -140,7 +150,30 @@ class RewardResult:
         )
 
 
-INLINE_SECONDS = 0.002  # a sync function whose calls all returned within this keeps running on the event loop
+INLINE_SECONDS = 0.002  # a sync function whose recent calls' median is within this keeps running on the event loop
+INLINE_WINDOW = 5  # how many of a function's latest inline calls the median is taken over
+
+
+class InlinePolicy:
+    """Decides when a sync function with `execution: auto` leaves the event loop for worker threads.
+
+    It moves once the lower median of its last `window` inline calls exceeds `threshold` seconds,
+    judged from the second call on: one slow call among fast ones never moves it, two slow calls
+    in a row (or a majority of the window) do. The move is for good; a function that has been slow
+    is not tried inline again.
+    """
+
+    def __init__(self, threshold: float = INLINE_SECONDS, window: int = INLINE_WINDOW) -> None:
+        self.threshold = threshold
+        self.seconds: deque[float] = deque(maxlen=window)
+        self.threaded = False
+
+    def observe(self, seconds: float) -> bool:
+        """Record one inline call's duration; True once the function should run in threads."""
+        self.seconds.append(seconds)
+        if len(self.seconds) >= 2 and statistics.median_low(self.seconds) > self.threshold:
+            self.threaded = True
+        return self.threaded
 
 
 @dataclass
@@ -170,7 +203,7 @@ class RewardCalculator:
         self.step_specs = [RewardSpec(**spec) if isinstance(spec, dict) else spec for spec in step_rewards or []]
         self._functions = [self._resolve(f"reward.rewards[{i}]", spec) for i, spec in enumerate(self.specs)]
         self._step_functions = [self._resolve(f"reward.step_rewards[{i}]", spec) for i, spec in enumerate(self.step_specs)]
-        self._slow: set[int] = set()  # ids of the sync functions that run in worker threads from now on
+        self._policies: dict[int, InlinePolicy] = {}  # per sync function (by id) with execution auto
         labels = [f.label for f in self._functions + self._step_functions]
         duplicates = sorted({label for label in labels if labels.count(label) > 1})
         if duplicates:
@@ -195,6 +228,13 @@ class RewardCalculator:
             raise ConfigError(f"{where}.on_error must be 'raise' or 'penalty', got {spec.on_error!r}.")
         if spec.timeout is not None and not spec.timeout > 0:
             raise ConfigError(f"{where}.timeout must be > 0 seconds (or null), got {spec.timeout}.")
+        if spec.execution not in ("auto", "inline", "thread"):
+            raise ConfigError(f"{where}.execution must be 'auto', 'inline' or 'thread', got {spec.execution!r}.")
+        if spec.execution == "inline" and spec.timeout is not None:
+            raise ConfigError(
+                f"{where}: execution 'inline' cannot honour timeout={spec.timeout:g} (a call on the event loop cannot be "
+                "cut off); drop the timeout or use execution 'auto' or 'thread'."
+            )
         reserved = sorted(set(spec.kwargs) & _RESERVED)
         if reserved:
             raise ConfigError(f"{where}.kwargs: {reserved} are supplied by retrain for every rollout; rename these options.")
@@ -260,13 +300,14 @@ class RewardCalculator:
             gate = True
             for name, check, options in f.verifiers:
                 if name not in passed:
-                    passed[name] = bool(await self._call(name, "verifier", check, {**kwargs, **options}, trajectory, f.spec.timeout))
+                    passed[name] = bool(await self._call(name, "verifier", check, {**kwargs, **options}, trajectory, f.spec.timeout, "auto"))
                 gate = gate and passed[name]
             if not gate:
                 values[f.label] = f.spec.verifier_penalty
                 continue
             try:
-                values[f.label] = _as_reward(f.label, await self._call(f.label, "reward", f.function, {**kwargs, **f.spec.kwargs}, trajectory, f.spec.timeout), trajectory)
+                values[f.label] = _as_reward(f.label, await self._call(
+                    f.label, "reward", f.function, {**kwargs, **f.spec.kwargs}, trajectory, f.spec.timeout, f.spec.execution), trajectory)
             except RewardError:
                 if f.spec.on_error == "raise":
                     raise
@@ -275,17 +316,19 @@ class RewardCalculator:
         return values, passed
 
     async def _call(
-        self, name: str, kind: str, function: Callable[..., Any], kwargs: dict[str, Any], trajectory: Trajectory, timeout: Optional[float]
+        self, name: str, kind: str, function: Callable[..., Any], kwargs: dict[str, Any], trajectory: Trajectory,
+        timeout: Optional[float], execution: str,
     ) -> Any:
         where = f"(prompt {_short(trajectory.record.prompt)}, completion {_short(trajectory.completion_text)})"
         try:
             if inspect.iscoroutinefunction(function):
                 pending = call_with_accepted(function, kwargs)
-            elif timeout is None and id(function) not in self._slow:
-                started = time.perf_counter()
+            elif self._runs_inline(function, timeout, execution):
+                policy = self._policies.get(id(function)) if execution == "auto" else None
+                started = self._clock()
                 pending = call_with_accepted(function, kwargs)  # inline: see "Execution" in the module docstring
-                if time.perf_counter() - started > INLINE_SECONDS:
-                    self._slow.add(id(function))
+                if policy is not None:
+                    policy.observe(self._clock() - started)
             else:  # a worker thread: the event loop keeps serving the other episodes, and the timeout can fire
                 pending = asyncio.get_running_loop().run_in_executor(None, functools.partial(call_with_accepted, function, kwargs))
             result = await asyncio.wait_for(pending, timeout) if inspect.isawaitable(pending) else pending
@@ -296,6 +339,16 @@ class RewardCalculator:
         except Exception as err:
             raise RewardError(f"{kind} '{name}' raised {type(err).__name__}: {err} {where}") from err
         return result
+
+    _clock = staticmethod(time.perf_counter)  # what inline calls are timed with (tests give a clock they control)
+
+    def _runs_inline(self, function: Callable[..., Any], timeout: Optional[float], execution: str) -> bool:
+        """Whether this sync call runs on the event loop (True) or in a worker thread (False)."""
+        if execution != "auto":
+            return execution == "inline"  # `inline` with a timeout was refused at construction
+        if timeout is not None:
+            return False
+        return not self._policies.setdefault(id(function), InlinePolicy()).threaded
 
 
 def _as_reward(label: str, value: Any, trajectory: Trajectory) -> float:

@@ -46,6 +46,26 @@ async def slow(seconds: float) -> str:
     return f"slept {seconds:g} s"
 
 
+_meeting: dict = {"waiting": 0, "event": None}
+
+
+@server.tool()
+async def meet(parties: int, timeout: float) -> str:
+    """Return "met" once `parties` calls are in flight at once; fail after `timeout` seconds alone."""
+    if _meeting["event"] is None:
+        _meeting["event"] = asyncio.Event()
+    event = _meeting["event"]
+    _meeting["waiting"] += 1
+    if _meeting["waiting"] == parties:
+        _meeting["waiting"], _meeting["event"] = 0, None
+        event.set()
+    try:
+        await asyncio.wait_for(event.wait(), timeout)
+    except asyncio.TimeoutError:
+        raise ToolError(f"waited {timeout:g} s for {parties} concurrent calls") from None
+    return "met"
+
+
 @server.tool()
 def crash(once_flag: str = "") -> str:
     """Kill the server process. With `once_flag` (a file path), crash only if that file does not exist yet."""

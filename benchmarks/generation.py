@@ -10,11 +10,12 @@ The same `BatchingSampler` the trainer uses serves one batch of `--rows` identic
 `backend="transformers"` (`generate`), each forced to exactly `--tokens` new tokens, alternating,
 `--repeats` timed calls each after a warm-up call; once with the plain model and once with a LoRA
 adapter (r 16, every linear layer, random B so that it changes the model; PEFT, installed with
-`.[test]` or `.[lora]`) on it. Reports the median seconds per call, the speed-up, and whether both
-backends drew the same tokens from the same seed (in float32 on CPU they do for the plain model;
-with LoRA on CPU the update is folded into the weights, and in bf16 on a GPU the decoder's CUDA-graph
-step attends over the whole masked cache, so there they agree up to rounding, which can change a
-draw).
+`.[test]` or `.[lora]`) on it. Reports the median seconds per call, the speed-up, and whether the
+decoder with `draw="generate"` (`transformers`' warpers and `torch.multinomial` instead of its own
+exact draw, which differs token for token) drew `generate`'s tokens from the same seed (in float32
+on CPU it does for the plain model; with LoRA on CPU the update is folded into the weights, and in
+bf16 on a GPU the decoder's CUDA-graph step attends over the whole masked cache, so there they
+agree up to rounding, which can change a draw).
 
 With `--vllm`, the same sampler also serves the batch with `backend="vllm"`: a colocated engine built
 once (its build time is reported apart), the policy's weights pushed into it before the timed calls
@@ -55,7 +56,12 @@ def time_backends(model: Any, tokenizer: Any, rows: int, tokens: int, repeats: i
     outputs, seconds = {}, {b: [] for b in backends}
     for backend, sampler in samplers.items():
         torch.manual_seed(0)
-        outputs[backend] = sampler._generate_batch(contexts, tokens)  # warm-up, and the draws compared below
+        outputs[backend] = sampler._generate_batch(contexts, tokens)  # warm-up
+    # The decoder's own draw is exact but not `generate`'s token for token; with `draw="generate"` it
+    # must be, from the same seed: the check that both compute the same logits.
+    torch.manual_seed(0)
+    same_draw = BatchingSampler(model, tokenizer, max_new_tokens=tokens, min_new_tokens=tokens, backend="auto", draw="generate")
+    same_tokens = same_draw._generate_batch(contexts, tokens) == outputs["transformers"]
     sync = torch.cuda.synchronize if next(model.parameters()).is_cuda else (lambda: None)
     for repeat in range(repeats):
         for backend in backends if repeat % 2 == 0 else backends[::-1]:
@@ -70,7 +76,7 @@ def time_backends(model: Any, tokenizer: Any, rows: int, tokens: int, repeats: i
         "own_decoder_used": samplers["auto"].uses_own_decoder,
         "seconds_per_call": medians,
         "speedup": medians["transformers"] / medians["auto"],
-        "same_tokens": outputs["auto"] == outputs["transformers"],
+        "same_tokens": same_tokens,
         "raw_seconds": seconds,
     }
     if engine is not None:
@@ -133,7 +139,7 @@ def markdown(record: dict[str, Any]) -> str:
         f"Model `{m['size']}` ({m['parameters'] / 1e6:.2f}M parameters, {c.get('dtype', 'float32')} on {c.get('device', 'cpu')}), one call of {c['rows']} rows x {c['tokens']} "
         f"new tokens through `BatchingSampler`, median of {c['repeats']} calls.",
         "",
-        "| policy | retrain decoder s/call | `generate` s/call | speed-up | same tokens |",
+        "| policy | retrain decoder s/call | `generate` s/call | speed-up | same tokens (`draw=\"generate\"`) |",
         "| --- | ---: | ---: | ---: | --- |",
     ]
     for name, r in record["results"].items():

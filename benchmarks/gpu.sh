@@ -6,7 +6,7 @@
 # FSDP1 refused with its message). Results land in $OUT (copy them into benchmarks/results/gpu/).
 # Each part has its own time limit and runs even if an earlier one failed; the log says which passed.
 #   bash benchmarks/gpu.sh                       # every part; OUT defaults to /tmp/gpu-out
-#   bash benchmarks/gpu.sh fsdp throughput       # only these parts (decoder, mismatch, throughput, generation, fsdp)
+#   bash benchmarks/gpu.sh fsdp throughput       # only these parts (decoder, mismatch, throughput, generation, sampling, fsdp)
 #   STEPS=3 REPEATS=1 bash benchmarks/gpu.sh throughput   # a shorter throughput run
 #   bash benchmarks/gpu.sh compile               # policy.compile on the GPU (not in the default parts:
 #                                                # ~4 more minutes; run it as a second call)
@@ -21,7 +21,7 @@
 #     jsonargparse==4.53.0 fsspec==2026.9.0 docstring-parser typeshed-client
 set -u
 OUT=${OUT:-/tmp/gpu-out}
-parts=${*:-decoder mismatch throughput generation fsdp}
+parts=${*:-decoder mismatch throughput generation sampling fsdp}
 want() { [[ " $parts " == *" $1 "* ]]; }
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
@@ -66,6 +66,13 @@ print('float32 decoder log-probs match the trainer on CUDA:', r['auto/float32'][
     timeout 120 python3 benchmarks/generation.py --device cuda --dtype bfloat16 --model-size medium --rows 64 --tokens 128 \
       --repeats 3 --out-dir "$OUT/generation"
     results+=("generation: exit $?")
+  fi
+
+  if want sampling; then
+    step "sampling: the draw at vocab 32,000 and 151,936 on CUDA (multinomial, exponential race, retrain's inverse CDF)"
+    RETRAIN_TEST_DEVICE=cuda timeout 60 python3 -m pytest -q -p no:cacheprovider tests/rollout/test_draw.py -k "not decoder_draws"
+    timeout 120 python3 benchmarks/sampling.py --device cuda --vocab 32000 151936 --rows 64 --tokens 128 --out-dir "$OUT/sampling"
+    results+=("sampling: exit $?")
   fi
 
   if want fsdp; then

@@ -3,7 +3,8 @@
 Checks the programs, not the numbers. throughput.py: each library's row exists and is finite and
 positive, and every step did the same work (the benchmark itself fails if a completion stopped short
 of its budget). learning.py: each library has a reward for every step, and the table and plot are
-written.
+written. sampling.py: every draw is timed at each vocabulary and kind of row, and the whole
+generation runs through each variant.
 """
 
 from __future__ import annotations
@@ -140,6 +141,26 @@ def test_generation_smoke(tmp_path: Path) -> None:
         assert row["own_decoder_used"]  # the LoRA policy too
         assert all(math.isfinite(s) and s > 0 for s in row["seconds_per_call"].values())
     assert record["results"]["plain"]["same_tokens"]  # same weights, same rules, same seed
+
+
+def test_sampling_smoke(tmp_path: Path) -> None:
+    command = [
+        sys.executable, str(REPO / "benchmarks" / "sampling.py"), "--vocab", "50", "1200", "--rows", "4", "--steps", "2",
+        "--tokens", "3", "--top-p", "0.9", "--out-dir", str(tmp_path),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+    record = json.loads((tmp_path / "sampling.json").read_text())
+    assert [(r["vocab"], r["kind"]) for r in record["draw_step"]] == [(50, "peaked"), (50, "flat"), (1200, "peaked"), (1200, "flat")]
+    for row in record["draw_step"]:
+        assert all(math.isfinite(ms) and ms > 0 for ms in row["ms"].values())
+        assert 1 <= row["nucleus_size_top_p_0.9"] <= row["vocab"]
+    flat = record["draw_step"][-1]
+    assert flat["nucleus_size_top_p_0.9"] > 0.8 * 1200  # a flat row's nucleus is most of the vocabulary
+    [generation] = record["generation"]  # only vocabularies of at least --generation-min-vocab (1000)
+    assert generation["vocab"] == 1200 and all(s > 0 for s in generation["seconds"].values())
+    assert "| 1,200 |" in (tmp_path / "sampling.md").read_text()
 
 
 def test_mismatch_smoke(tmp_path: Path) -> None:

@@ -123,15 +123,15 @@ def test_rows_end_at_their_first_eos_and_pad_after_it(tiny_model_dir, device):
 
 
 def test_sampler_backends_draw_the_same_tokens(tiny_model_dir, device):
-    """Same weights, same rules, same random draws: both backends produce the same rollouts, and a
-    checkpoint's own generation defaults (as hub models ship them) change neither."""
+    """Same weights, same rules, same random draws (`draw="generate"`): both backends produce the
+    same rollouts, and a checkpoint's own generation defaults (as hub models ship them) change neither."""
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir, padding_side="left")
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).to(device)
     model.generation_config.update(repetition_penalty=5.0, min_p=0.5, suppress_tokens=[5, 6], top_k=3)
     contexts = [tokenizer("repeat a: ")["input_ids"], tokenizer("a much longer prompt: ")["input_ids"], tokenizer("x")["input_ids"]]
     outputs = {}
     for backend in ("auto", "transformers"):
-        sampler = BatchingSampler(model, tokenizer, max_new_tokens=12, temperature=0.9, top_k=20, top_p=0.95, backend=backend)
+        sampler = BatchingSampler(model, tokenizer, max_new_tokens=12, temperature=0.9, top_k=20, top_p=0.95, backend=backend, draw="generate")
         assert sampler.uses_own_decoder == (backend == "auto")
         torch.manual_seed(3)
         outputs[backend] = sampler._generate_batch(contexts * 4, 12)

@@ -69,6 +69,9 @@ class BatchingSampler:
         engine: the `VLLMEngine` that samples when `backend="vllm"` (the caller keeps its weights current).
         policy_version: the version of `model`'s weights (the trainer's optimizer updates), stamped on
             every `Generation`; with an engine, the version the engine holds is stamped instead.
+        draw: how retrain's decoder draws tokens: "inverse_cdf" (exact and cheap at any vocabulary
+            size) or "generate" (token for token what `generate` draws for the same random state);
+            see `retrain.rollout.decoding`. `generate` and vLLM use their own samplers.
     """
 
     def __init__(
@@ -84,7 +87,11 @@ class BatchingSampler:
         backend: Backend = "auto",
         engine: Optional[Any] = None,
         policy_version: Optional[int] = None,
+        draw: decoding.Draw = "inverse_cdf",
     ) -> None:
+        if draw not in ("inverse_cdf", "generate"):
+            raise ValueError(f"draw={draw!r}: use 'inverse_cdf' or 'generate'.")
+        self.draw = draw
         if backend not in ("auto", "retrain", "transformers", "vllm"):
             raise ValueError(f"backend={backend!r}: use 'auto', 'retrain', 'transformers' or 'vllm'.")
         if (backend == "vllm") != (engine is not None):
@@ -298,7 +305,7 @@ class BatchingSampler:
             self.model, input_ids, attention_mask, max_new_tokens=config.max_new_tokens,
             eos_token_ids=self.eos_token_ids, pad_token_id=config.pad_token_id,
             temperature=config.temperature, top_k=config.top_k or 0, top_p=config.top_p, min_new_tokens=config.min_new_tokens or 0,
-            with_logprobs=True,
+            with_logprobs=True, draw=self.draw,
         )
 
     def _to_generation(self, tokens: list[int], logprobs: list[float]) -> Generation:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import functools
 import json
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -172,7 +173,17 @@ def verdict(results: dict[str, dict[str, Any]], target_gain: float, tolerance: f
     accurate as TRL at every evaluated step (within `tolerance`, seed means) and at least as fast."""
     ours, theirs = results["retrain"], results["trl"]
     gaps = {step: ours["pass@1_by_step"][step] - theirs["pass@1_by_step"][step] for step in ours["pass@1_by_step"] if step > 0}
+    # Seed-paired: each seed's two runs start from the same weights and see the same prompts, so the
+    # spread of their difference across seeds is the noise a difference must stand out from.
+    paired = [
+        [a["pass@1"] - b["pass@1"] for a, b in zip(mine["heldout"], other["heldout"]) if a["step"] > 0]
+        for mine, other in zip(ours["seeds"], theirs["seeds"])
+    ]
+    per_seed = [_mean(d) for d in paired]  # each seed's mean difference over the evaluated steps
+    spread = statistics.stdev(per_seed) / len(per_seed) ** 0.5 if len(per_seed) > 1 else float("nan")
     return {
+        "mean_difference_over_steps": _mean(per_seed), "mean_difference_standard_error": spread,
+        "mean_difference_by_seed": per_seed,
         "retrain_gain_reaches_target": ours["pass@1_gain"] >= target_gain, "target_gain": target_gain,
         "at_least_as_accurate_at_every_step": all(g >= -tolerance for g in gaps.values()), "tolerance": tolerance,
         "worst_step_difference": min(gaps.values()), "end_difference": ours["pass@1_end"] - theirs["pass@1_end"],
@@ -213,6 +224,10 @@ def markdown(record: dict[str, Any]) -> str:
         f"pass@1 at every evaluated step (within {v['tolerance']}): {yes[v['at_least_as_accurate_at_every_step']]} (worst "
         f"{v['worst_step_difference']:+.3f}, end {v['end_difference']:+.3f}); at least as fast: {yes[v['at_least_as_fast']]} "
         f"(TRL/retrain train time {v['speed_ratio_trl_over_retrain']:.2f}x).",
+        "",
+        f"retrain - TRL held-out pass@1, averaged over the evaluated steps after 0, per seed: "
+        f"{', '.join(f'{d:+.3f}' for d in v['mean_difference_by_seed'])}; mean {v['mean_difference_over_steps']:+.3f} "
+        f"(standard error over seeds {v['mean_difference_standard_error']:.3f}).",
         "",
         "![held-out pass@1 and train reward vs step](learning_skill.png)",
     ]

@@ -4,6 +4,7 @@ in-training validation with pass@k / maj@k, through the real `retrain fit` CLI."
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import subprocess
@@ -73,3 +74,9 @@ def test_the_reasoning_skill_recipe_warm_starts_then_trains_and_validates_held_o
     [metrics_file] = (tmp_path / "outputs/reasoning_skill/csv").glob("version_*/metrics.csv")
     validated = [r for r in csv.DictReader(metrics_file.open()) if r.get("val/pass@1")]
     assert validated and 0.0 <= float(validated[0]["val/pass@1"]) <= float(validated[0]["val/pass@4"]) <= 1.0
+    # The validation curve: the warm start (the config's full sanity check, step 0), then step 2.
+    curves = json.loads((tmp_path / "outputs/reasoning_skill/reward_curve.json").read_text())
+    assert curves["validation"]["metric"] == "val/pass@1" and curves["validation"]["curve"]["step"] == [0, 2]
+    assert abs(curves["validation"]["curve"]["value"][1] - float(validated[-1]["val/pass@1"])) < 1e-6
+    assert (tmp_path / "outputs/reasoning_skill/validation_curve.png").stat().st_size > 0
+    assert "val/pass@1: " in result.stdout and "validation_curve.png" in result.stdout

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from retrain.rollout.decoding import sample
-from retrain.rollout.draw import draw, inverse_cdf, nucleus_threshold, top_k_filter
+from retrain.rollout.draw import BLOCK, draw, inverse_cdf, nucleus, top_k_filter
 
 DRAWS = 100_000
 
@@ -38,6 +38,12 @@ def reference_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p:
     return scores.softmax(-1)[0]
 
 
+def nucleus_mask(probs: torch.Tensor, top_p: float, candidates: int = 64) -> torch.Tensor:
+    """`retrain`'s nucleus as a `[B, V]` mask."""
+    values, indices = nucleus(probs, top_p, candidates=candidates)  # padding: value 0 at index 0
+    return torch.zeros_like(probs).scatter_add(1, indices, (values > 0).to(probs.dtype)) > 0
+
+
 def sorted_nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     """The nucleus by its definition: sort descending, keep each token whose predecessors hold < top_p."""
     values, order = probs.double().sort(-1, descending=True)
@@ -58,6 +64,26 @@ def test_inverse_cdf_draws_each_index_in_proportion_and_never_a_zero(device):
     total = total.cpu()
     assert counts[weights == 0].sum() == 0
     assert torch.allclose(total, torch.full_like(total, 7.0, dtype=torch.float64))
+    assert chi_square_p_value(counts, weights / weights.sum()) > 1e-4
+
+
+@pytest.mark.parametrize("slack", [None, 1.0], ids=["default", "half-rejected"])
+def test_inverse_cdf_over_blocks_is_exact_also_when_draws_are_redrawn(device, slack, monkeypatch):
+    # Beyond one block the vocabulary is split: empty blocks, a block boundary inside the support,
+    # a short last block. With slack 1.0 about half the uniforms land in a block's slack and are redrawn.
+    from retrain.rollout import draw as draws
+
+    if slack is not None:
+        monkeypatch.setattr(draws, "SLACK", slack)
+    vocab = 3 * BLOCK + 77
+    weights = torch.zeros(vocab)
+    support = torch.tensor([0, 5, BLOCK - 1, BLOCK, 2 * BLOCK + 3, 3 * BLOCK + 76])
+    weights[support] = torch.tensor([1.0, 4.0, 2.0, 0.5, 3.0, 1.5])
+    generator = torch.Generator(device).manual_seed(2)
+    tokens, total = inverse_cdf(weights.to(device).expand(DRAWS // 2, -1), generator)
+    counts = torch.bincount(tokens.cpu(), minlength=vocab)
+    assert counts[weights == 0].sum() == 0
+    assert torch.allclose(total.cpu(), torch.full((DRAWS // 2,), 12.0, dtype=torch.float64))
     assert chi_square_p_value(counts, weights / weights.sum()) > 1e-4
 
 
@@ -89,7 +115,7 @@ def test_nucleus_by_hand(device):
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.05, 0.15, 0.3, 0.5]], device=device)
     for candidates in (4, 1):  # within the candidates, and by the radix select
         for top_p, kept in [(0.3, 1), (0.75, 2), (0.9, 3), (0.999, 4)]:
-            mask = (probs >= nucleus_threshold(probs, top_p, candidates=candidates)).cpu()
+            mask = nucleus_mask(probs, top_p, candidates=candidates).cpu()
             assert mask.sum(-1).tolist() == [kept, kept]
             assert mask[0, :kept].all() and mask[1, 4 - kept :].all()
 
@@ -98,14 +124,18 @@ def test_nucleus_by_hand(device):
 def test_nucleus_is_the_sorted_definition_without_a_sort(vocab, scale, device):
     torch.manual_seed(0)
     probs = (torch.randn(6, vocab) * scale).softmax(-1)
+    probs[0] = (torch.randn(vocab) * 4).softmax(-1)  # a peaked row beside flat ones takes both paths at once
     for top_p in (0.1, 0.5, 0.9, 0.95):
         expected = sorted_nucleus(probs, top_p)
-        for candidates in (64, 1):  # 1: every row through the radix select
-            threshold = nucleus_threshold(probs.to(device), top_p, candidates=candidates).cpu()
-            mask = probs >= threshold
-            assert not (expected & ~mask).any(), "a nucleus token was dropped"
-            extra = mask & ~expected
-            assert (probs[extra] == threshold.expand_as(probs)[extra]).all(), "only exact ties at the threshold may be added"
+        for candidates in (64, 1):  # 1: every row through the probes
+            mask = nucleus_mask(probs.to(device), top_p, candidates=candidates).cpu()
+            assert mask.sum(-1).tolist() == expected.sum(-1).tolist()
+            # the same set, up to which of several tokens tied at the edge is kept
+            differ = mask != expected
+            assert not differ.any() or all(
+                probs[r][differ[r]].unique().numel() == 1 and probs[r][differ[r]][0] == probs[r][mask[r]].min() for r in range(probs.size(0))
+                if differ[r].any()
+            )
 
 
 def test_nucleus_matches_transformers_top_p_warper_on_peaked_rows():
@@ -114,13 +144,13 @@ def test_nucleus_matches_transformers_top_p_warper_on_peaked_rows():
     for top_p in (0.5, 0.8, 0.95):
         kept_by_transformers = TopPLogitsWarper(top_p)(None, logits.clone()) > float("-inf")
         probs = logits.softmax(-1)
-        assert torch.equal(probs >= nucleus_threshold(probs, top_p), kept_by_transformers)
+        assert torch.equal(nucleus_mask(probs, top_p), kept_by_transformers)
 
 
 def test_top_p_above_the_row_mass_keeps_every_positive_token():
     probs = torch.tensor([[0.6, 0.0, 0.4, 0.0]])
     for candidates in (4, 1):
-        mask = (probs >= nucleus_threshold(probs, 1.0 - 1e-12, candidates=candidates)) & (probs > 0)
+        mask = nucleus_mask(probs, 1.0 - 1e-12, candidates=candidates)
         assert mask.tolist() == [[True, False, True, False]]
 
 

@@ -6,26 +6,28 @@ At a real vocabulary (32k-152k entries) the draw, not the model, can dominate CP
 number per vocabulary entry, and `transformers`' top-p warper sorts the whole vocabulary of every
 row at every token (`benchmarks/sampling.py` measures them side by side). Here:
 
-- **Inverse CDF.** One uniform per row: `u ~ U[0, total)`, token = the first index whose cumulative
-  probability exceeds `u`. The cumulative sum runs in float64, so its rounding (~1e-16 relative)
-  is far below the float32 precision of the probabilities themselves: each token is drawn with its
-  float32 probability, renormalized, exactly as far as float32 can say. A token of probability zero
-  (masked by top-k, top-p or end-of-sequence suppression) can never be drawn: its cumulative value
-  equals its predecessor's, so no `u` lands on it.
-- **Top-k** is `transformers`' rule (keep every logit at least the k-th largest, ties included),
-  computed with a partial `topk`, as `transformers` does.
-- **Top-p without a sort.** The nucleus of a row is the most probable tokens, in order, up to the
-  first whose inclusive cumulative mass reaches `top_p` (at least one token): the set
-  `transformers`' `TopPLogitsWarper` keeps. It is everything with probability at least a threshold
-  `t`, the probability of that last token. `t` comes from the row's `candidates` most probable
-  tokens (a partial `topk`) when they already hold `top_p` of the mass, which is the normal case
-  for a trained model; otherwise (a flat distribution, e.g. an untrained model) from an exact
-  radix select over the float32 bits of the probabilities (four passes of 8 bits, each a mass
-  histogram of 256 bins), which finds the same `t` with no sort. Where several tokens tie at
-  exactly `t`, all are kept (`transformers` keeps whichever its sort puts first).
+- **Inverse CDF over blocks, one uniform per row.** The vocabulary is cut into blocks of
+  `BLOCK` entries whose float32 sums are cheap; a uniform picks a block by the cumulative block
+  sums (float64, one entry per block), and the same uniform, rescaled, picks the token by the
+  block's own float64 cumulative sum. The float32 block sums are only bounds: each is inflated by
+  `SLACK`, more than the rounding of any order of summing `BLOCK` non-negative float32 numbers
+  (at most `BLOCK` x 2^-24 relative), and a uniform that lands in a block's slack is redrawn. So a
+  token is drawn with probability exactly `p_i / sum(p)` up to float64 rounding, while the work per
+  vocabulary entry is one float32 addition. A token of probability zero (masked by top-k, top-p or
+  end-of-sequence suppression) is never drawn: no uniform lands on an empty interval.
+- **Top-k** keeps `transformers`' rule (every logit at least the k-th largest): the draw is among
+  the `topk` candidates alone, renormalized. A row whose k-th logit ties the next one takes the
+  full-vocabulary path with `transformers`' mask instead, so tied tokens stay in.
+- **Top-p without a sort.** The nucleus of a row is its most probable tokens, in order, up to the
+  first whose inclusive cumulative mass reaches `top_p` (at least one token): what
+  `transformers`' `TopPLogitsWarper` keeps. It is found among the row's `CANDIDATES` most probable
+  tokens (a partial `topk`) when they hold `top_p` of the mass, the normal case for a trained
+  model; otherwise a probe for the probability above which `top_p` of the mass lies (one masked
+  sum per probe) says how many candidates to take, and the row's nucleus comes from that many. Ties
+  at the nucleus edge are resolved by `topk`'s order, as `transformers`' are by its sort's.
 
 `draw` returns each token's log-probability under the distribution it was drawn from (the warped,
-renormalized one), from the same probabilities, for the sampler's side of the off-policy metrics.
+renormalized one), for the sampler's side of the off-policy metrics.
 """
 
 from __future__ import annotations
@@ -34,7 +36,10 @@ from typing import Optional
 
 import torch
 
+BLOCK = 1024  # vocabulary entries per block of the inverse CDF
+SLACK = 1e-3  # relative inflation of a float32 block sum: > BLOCK * 2**-24, the worst rounding of BLOCK additions
 CANDIDATES = 64  # tokens a row's nucleus is first looked for among (a partial top-k)
+_PROBE_STEP = 2.0  # each probe for a wide nucleus lowers the probability floor by this factor
 
 
 def top_k_filter(logits: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -45,62 +50,97 @@ def top_k_filter(logits: torch.Tensor, top_k: int) -> torch.Tensor:
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
-def nucleus_threshold(probs: torch.Tensor, top_p: float, candidates: int = CANDIDATES) -> torch.Tensor:
-    """`[B, 1]` per row the probability `t` such that `probs >= t` is the row's top-p nucleus.
-
-    `probs` `[B, V]`, non-negative rows (each summing to 1 up to rounding). A `top_p` above a row's
-    total mass keeps every token of positive probability.
-    """
-    total = probs.sum(-1, dtype=torch.float64, keepdim=True)  # [B, 1]
-    target = total.clamp(max=top_p)  # [B, 1]
-    k = min(candidates, probs.size(-1))
-    values = probs.topk(k, dim=-1).values  # [B, k], descending
-    mass = values.cumsum(-1, dtype=torch.float64)  # [B, k]
-    covered = mass[:, -1:] >= target  # [B, 1]: the nucleus lies within the candidates
-    last = (mass < target).sum(-1, keepdim=True).clamp(max=k - 1)  # index of the first token reaching top_p
-    threshold = values.gather(1, last)
-    flat = ~covered.squeeze(1)
-    if bool(flat.any()):
-        threshold[flat] = _radix_threshold(probs[flat], target[flat])
-    return threshold
-
-
-def _radix_threshold(probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """`[b, 1]` the largest probability `t` with `sum(probs[probs >= t]) >= target`, exactly.
-
-    Non-negative float32 values order like their bit patterns read as integers, so `t`'s bits can be
-    chosen 8 at a time, most significant first: at each pass, histogram (by mass) the next 8 bits
-    of the entries that share the bits chosen so far, and take the largest digit that still leaves
-    at least `target` at or above it. Four passes of `[b, V]` work, no sort.
-    """
-    bits = probs.float().contiguous().view(torch.int32).long()  # [b, V], monotone in the value
-    weight = probs.double()  # [b, V]
-    prefix = torch.zeros_like(bits[:, :1])  # [b, 1] the bits chosen so far
-    above = torch.zeros_like(target)  # [b, 1] mass of the entries known to lie above t
-    for shift in (24, 16, 8, 0):
-        digit = (bits >> shift) & 255  # [b, V]
-        share = weight if shift == 24 else torch.where((bits >> (shift + 8)) == prefix, weight, 0.0)
-        hist = torch.zeros(bits.size(0), 256, dtype=torch.float64, device=bits.device).scatter_add_(1, digit, share)
-        at_or_above = above + hist.flip(-1).cumsum(-1).flip(-1)  # [b, 256]: mass at this digit or a larger one
-        # at_or_above falls with the digit, so the qualifying digits are 0..chosen (rounding may leave
-        # none: then 0, keeping the whole group)
-        chosen = ((at_or_above >= target).sum(-1, keepdim=True) - 1).clamp(min=0)  # [b, 1]
-        above = torch.where(chosen < 255, at_or_above.gather(1, (chosen + 1).clamp(max=255)), above)
-        prefix = (prefix << 8) | chosen
-    return prefix.int().view(torch.float32).to(probs.dtype)
-
-
 def inverse_cdf(probs: torch.Tensor, generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one index per row of `probs` `[B, V]` (non-negative, rows with positive mass, not
-    necessarily normalized) with probability `probs / row total`, from one uniform per row.
-
-    Returns `[B]` long indices and the `[B]` float64 row totals.
+    necessarily normalized) with probability `probs / row total`, from (almost always) one uniform
+    per row. Returns `[B]` long indices and the `[B]` float64 totals of the rows' blocks (the total
+    up to float32 rounding), for log-probabilities.
     """
-    cdf = probs.cumsum(-1, dtype=torch.float64)  # [B, V]
-    total = cdf[:, -1:]  # [B, 1]
-    u = torch.rand(total.shape, dtype=torch.float64, device=probs.device, generator=generator) * total
-    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # keep u < total under rounding
-    return torch.searchsorted(cdf, u, right=True).squeeze(1), total.squeeze(1)
+    rows, vocab = probs.shape
+    if vocab <= BLOCK:  # one block: its float64 cumulative sum is the whole story
+        cdf = probs.cumsum(-1, dtype=torch.float64)  # [B, V]
+        total = cdf[:, -1:]
+        u = torch.rand(total.shape, dtype=torch.float64, device=probs.device, generator=generator) * total
+        u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # u < total under rounding
+        return torch.searchsorted(cdf, u, right=True).squeeze(1), total.squeeze(1)
+    full = vocab // BLOCK * BLOCK
+    sums = probs[:, :full].reshape(rows, -1, BLOCK).sum(-1)  # [B, full / BLOCK], float32
+    if full < vocab:
+        sums = torch.cat([sums, probs[:, full:].sum(-1, keepdim=True)], dim=1)  # [B, blocks]
+    bounds = sums.double() * (1 + SLACK)  # [B, blocks]: never below a block's exact sum
+    block_cdf = bounds.cumsum(-1)  # [B, blocks]
+    offsets = torch.arange(BLOCK, device=probs.device)  # [BLOCK]
+    tokens = torch.empty(rows, dtype=torch.long, device=probs.device)
+    todo = torch.arange(rows, device=probs.device)
+    while todo.numel():
+        cdf_rows, bound_rows = block_cdf[todo], bounds[todo]  # [b, blocks]
+        u = torch.rand((todo.numel(), 1), dtype=torch.float64, device=probs.device, generator=generator) * cdf_rows[:, -1:]
+        block = torch.searchsorted(cdf_rows, u, right=True).clamp(max=cdf_rows.size(1) - 1)  # [b, 1]
+        u = (u - (cdf_rows.gather(1, block) - bound_rows.gather(1, block))).clamp(min=0.0)  # uniform on [0, the block's bound)
+        index = block * BLOCK + offsets  # [b, BLOCK]
+        source = probs if todo.numel() == rows else probs[todo]
+        entries = source.gather(1, index.clamp(max=vocab - 1)) * (index < vocab)  # [b, BLOCK]
+        within = entries.cumsum(-1, dtype=torch.float64)  # [b, BLOCK]
+        local = torch.searchsorted(within, u, right=True)  # [b, 1]; BLOCK: u fell in the slack
+        accepted = (local < BLOCK).squeeze(1)
+        tokens[todo[accepted]] = (block * BLOCK + local)[accepted].squeeze(1)
+        todo = todo[~accepted]
+    return tokens, sums.double().sum(-1)
+
+
+def _nucleus_size(probs: torch.Tensor, values: torch.Tensor, target: torch.Tensor) -> int:
+    """At least how many of their most probable tokens hold `target` of the rows' mass: probes a
+    probability floor, halving it from the smallest candidate, until the entries above it hold the
+    target in every row (one floor for all rows, so that a probe is a single comparison)."""
+    vocab = probs.size(-1)
+    floor = float(values[:, -1].min())
+    above = torch.empty_like(probs)  # one buffer for every probe: a fresh [b, V] tensor costs more in page faults than the probe
+    zero = torch.zeros((), dtype=probs.dtype, device=probs.device)
+    while floor > 0:
+        floor /= _PROBE_STEP
+        torch.where(probs > floor, probs, zero, out=above)  # [b, V]: entries above the floor, else 0
+        if bool((above.sum(-1, keepdim=True).double() * (1 + 1e-6) >= target).all()):
+            return min(vocab, max(int(above.sign_().sum(-1).max()) + 1, values.size(1) + 1))
+    return vocab
+
+
+def _truncate(values: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Candidates `values` `[b, K]` (probabilities, descending) with everything after each row's
+    top-p nucleus set to zero; a row whose candidates hold less than `top_p` keeps them all."""
+    mass = values.cumsum(-1, dtype=torch.float64)  # [b, K]
+    target = mass[:, -1:].clamp(max=top_p)
+    last = (mass < target).sum(-1, keepdim=True).clamp(max=values.size(1) - 1)  # the first to reach top_p
+    return values * (torch.arange(values.size(1), device=values.device) <= last)
+
+
+def nucleus(probs: torch.Tensor, top_p: float, candidates: int = CANDIDATES) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's top-p nucleus of `probs` `[B, V]` (rows summing to 1 up to rounding), without a
+    sort: `[B, K]` probabilities, descending and zero after the nucleus, and their `[B, K]` indices
+    (`candidates`: how many tokens are looked among first)."""
+    target = probs.sum(-1, keepdim=True).double().clamp(max=top_p)  # [B, 1]
+    values, indices = probs.topk(min(candidates, probs.size(-1)), dim=-1)  # [B, K], descending
+    covered = (values.sum(-1, keepdim=True, dtype=torch.float64) >= target).squeeze(1)  # [B]
+    if bool(covered.all()):
+        return _truncate(values, top_p), indices
+    flat = ~covered
+    rows = probs[flat]  # [b, V]
+    size = _nucleus_size(rows, values[flat], target[flat])
+    wide_values, wide_indices = rows.topk(size, dim=-1)
+    if size < rows.size(-1) and bool((wide_values.sum(-1, keepdim=True, dtype=torch.float64) < target[flat]).any()):
+        wide_values, wide_indices = rows.topk(rows.size(-1), dim=-1)  # rounding left a row short of top_p: take it all
+    out_values = torch.zeros(probs.size(0), wide_values.size(1), dtype=probs.dtype, device=probs.device)
+    out_indices = torch.zeros(probs.size(0), wide_values.size(1), dtype=torch.long, device=probs.device)
+    out_values[covered, : values.size(1)], out_indices[covered, : values.size(1)] = values[covered], indices[covered]
+    out_values[flat], out_indices[flat] = wide_values, wide_indices
+    return _truncate(out_values, top_p), out_indices
+
+
+def _draw_among(values: torch.Tensor, indices: torch.Tensor, generator: Optional[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw among candidates `values` `[b, K]` (probabilities, zeros excluded) at `indices`: tokens
+    `[b]` and float32 log-probs `[b]` under the candidates' renormalized distribution."""
+    local, total = inverse_cdf(values, generator)
+    chosen = values.gather(1, local[:, None]).squeeze(1).double()
+    return indices.gather(1, local[:, None]).squeeze(1), (chosen.log() - total.log()).float()
 
 
 def draw(
@@ -119,10 +159,16 @@ def draw(
     logits = logits.float()
     if temperature != 1.0:
         logits = logits / temperature
-    logits = top_k_filter(logits, top_k)
+    vocab = logits.size(-1)
+    if 0 < top_k < vocab:
+        values, indices = logits.topk(top_k + 1, dim=-1)  # [B, k + 1], descending
+        if not bool((values[:, top_k] == values[:, top_k - 1]).any()):  # no tie at the k-th: the k candidates are the set
+            kept = values[:, :top_k].softmax(-1)  # [B, k] the top-k distribution, descending
+            return _draw_among(_truncate(kept, top_p) if top_p < 1.0 else kept, indices[:, :top_k], generator)
+        logits = top_k_filter(logits, top_k)
     probs = logits.softmax(-1)  # [B, V]
     if top_p < 1.0:
-        probs = probs.masked_fill(probs < nucleus_threshold(probs, top_p), 0.0)
+        return _draw_among(*nucleus(probs, top_p), generator)
     tokens, total = inverse_cdf(probs, generator)
     chosen = probs.gather(1, tokens[:, None]).squeeze(1).double()  # [B]
     return tokens, (chosen.log() - total.log()).float()

@@ -5,7 +5,8 @@
 With `--devices 2` the run uses Lightning's `ModelParallelStrategy` (gloo), which re-launches this
 script once per extra rank. The global batch is the same in both layouts (4 prompts per generation:
 one process with batch 4, or two with batch 2, records in source order, so rank r gets records r,
-r + 2, ...), and every record is rolled out in its own `generate` call seeded by (prompt, step): its
+r + 2, ...), and every record is rolled out in its own `generate` call (both layouts use
+`generation_backend: transformers`) seeded by (prompt, step): its
 samples do not depend on which rank rolls it out or beside which other records. So the FSDP2 run
 and the single-process run see the same rollouts, and their updates must agree.
 
@@ -92,6 +93,9 @@ def main(argv: list[str] | None = None) -> None:
         policy=PolicyConfig(name_or_path=args.model, sharded_generation=args.sharded_generation),
         reward=RewardCalculator([RewardSpec(name="regex_match", kwargs={"pattern": "[a-f]"})]),
         num_generations=4, max_completion_length=6, learning_rate=1e-3, beta=0.05, max_grad_norm=0.5,
+        # A sharded policy samples with `generate`; so does the single process, for the same draws
+        # (retrain's decoder draws from the same distribution, not the same tokens).
+        generation_backend="transformers",
     )
     data = PromptDataModule(
         prompts=[{"prompt": f"repeat {c}: ", "answer": c} for c in "abcdefgh"],

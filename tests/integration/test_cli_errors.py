@@ -149,8 +149,12 @@ class CrashingServerEnvironment(SingleTurnEnvironment):
         await self.provider.close()
 
     async def step(self, action):
-        open(self.refuse, "w").close()
-        await self.provider.call("crash", {})
+        # One episode crashes the server; the others never call it, so exactly one crash reaches its
+        # stderr (concurrent crash calls could each print before the process dies).
+        if not getattr(self, "crashed", False):
+            self.crashed = True
+            open(self.refuse, "w").close()
+            await self.provider.call("crash", {})
         return await super().step(action)
 '''
 

@@ -63,7 +63,7 @@ def _unequal_generation(model, tokenizer, rank: int) -> tuple[list, int]:
     outputs, dummy = [], 0
     with generation_context(model):
         for contexts, budget, seed in calls:
-            sampler = BatchingSampler(model, tokenizer, max_new_tokens=budget)
+            sampler = BatchingSampler(model, tokenizer, max_new_tokens=budget, draw="generate")  # sharded: generate
             sampler.generation_config.eos_token_id = list(range(4, 36))
             torch.manual_seed(seed)
             outputs.append(sampler._generate_batch(contexts, budget))

@@ -158,9 +158,9 @@ class InlinePolicy:
     """Decides when a sync function with `execution: auto` leaves the event loop for worker threads.
 
     It moves once the lower median of its last `window` inline calls exceeds `threshold` seconds,
-    judged from the second call on: one slow call among fast ones never moves it, two slow calls
-    in a row (or a majority of the window) do. The move is for good; a function that has been slow
-    is not tried inline again.
+    judged from the second call on: one slow call among fast ones never moves it; a function slow
+    from its first call moves after two, one that turns slow once most of its last `window` calls
+    were (3 of 5). The move is for good; a function that has been slow is not tried inline again.
     """
 
     def __init__(self, threshold: float = INLINE_SECONDS, window: int = INLINE_WINDOW) -> None:

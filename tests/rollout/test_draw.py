@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from retrain.rollout.decoding import sample
-from retrain.rollout.draw import BLOCK, draw, inverse_cdf, nucleus, top_k_filter
+from retrain.rollout.draw import BLOCK, draw, inverse_cdf, nucleus
 
 DRAWS = 100_000
 
@@ -155,11 +155,13 @@ def test_top_p_above_the_row_mass_keeps_every_positive_token():
 
 
 def test_top_k_keeps_ties_like_transformers():
-    logits = torch.tensor([[1.0, 3.0, 2.0, 2.0, 0.5]])
-    for k in (1, 2, 3, 4):
-        assert torch.equal(top_k_filter(logits, k), TopKLogitsWarper(k)(None, logits.clone()))
-    assert (top_k_filter(logits, 2) > float("-inf")).sum() == 3  # 3.0 and both 2.0s
-    assert torch.equal(top_k_filter(logits, 0), logits) and torch.equal(top_k_filter(logits, 9), logits)
+    logits = torch.tensor([1.0, 3.0, 2.0, 2.0, 0.5])  # top-2 with a tie at the 2nd: 3.0 and both 2.0s
+    expected = reference_probs(logits, 1.0, 2, 1.0)
+    assert int((expected > 0).sum()) == 3
+    tokens, _ = draw(logits.expand(DRAWS, -1), top_k=2, generator=torch.Generator().manual_seed(3))
+    counts = torch.bincount(tokens, minlength=logits.numel())
+    assert counts[expected == 0].sum() == 0 and (counts[expected > 0] > 0).all()
+    assert chi_square_p_value(counts, expected) > 1e-4
 
 
 @pytest.mark.parametrize("min_new_tokens", [0, 1])

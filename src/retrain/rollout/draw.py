@@ -16,8 +16,8 @@ row at every token (`benchmarks/sampling.py` measures them side by side). Here:
   vocabulary entry is one float32 addition. A token of probability zero (masked by top-k, top-p or
   end-of-sequence suppression) is never drawn: no uniform lands on an empty interval.
 - **Top-k** keeps `transformers`' rule (every logit at least the k-th largest): the draw is among
-  the `topk` candidates alone, renormalized. A row whose k-th logit ties the next one takes the
-  full-vocabulary path with `transformers`' mask instead, so tied tokens stay in.
+  the `topk` candidates alone, renormalized. When a row's k-th logit ties the next one, the batch
+  takes the full-vocabulary path with `transformers`' own `TopKLogitsWarper`, so tied tokens stay in.
 - **Top-p without a sort.** The nucleus of a row is its most probable tokens, in order, up to the
   first whose inclusive cumulative mass reaches `top_p` (at least one token): what
   `transformers`' `TopPLogitsWarper` keeps. It is found among the row's `CANDIDATES` most probable
@@ -40,14 +40,6 @@ BLOCK = 1024  # vocabulary entries per block of the inverse CDF
 SLACK = 1e-3  # relative inflation of a float32 block sum: > BLOCK * 2**-24, the worst rounding of BLOCK additions
 CANDIDATES = 64  # tokens a row's nucleus is first looked for among (a partial top-k)
 _PROBE_STEP = 2.0  # each probe for a wide nucleus lowers the probability floor by this factor
-
-
-def top_k_filter(logits: torch.Tensor, top_k: int) -> torch.Tensor:
-    """`logits` `[B, V]` with every entry below its row's `top_k`-th largest set to -inf (ties kept)."""
-    if not 0 < top_k < logits.size(-1):
-        return logits
-    kth = logits.topk(top_k, dim=-1).values[:, -1:]  # [B, 1]
-    return logits.masked_fill(logits < kth, float("-inf"))
 
 
 def inverse_cdf(probs: torch.Tensor, generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,7 +157,9 @@ def draw(
         if not bool((values[:, top_k] == values[:, top_k - 1]).any()):  # no tie at the k-th: the k candidates are the set
             kept = values[:, :top_k].softmax(-1)  # [B, k] the top-k distribution, descending
             return _draw_among(_truncate(kept, top_p) if top_p < 1.0 else kept, indices[:, :top_k], generator)
-        logits = top_k_filter(logits, top_k)
+        from transformers.generation.logits_process import TopKLogitsWarper
+
+        logits = TopKLogitsWarper(top_k)(None, logits)  # a tie at the k-th: transformers' mask keeps every tied token
     probs = logits.softmax(-1)  # [B, V]
     if top_p < 1.0:
         return _draw_among(*nucleus(probs, top_p), generator)

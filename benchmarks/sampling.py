@@ -80,7 +80,7 @@ def draw_step(vocab: int, kind: str, rows: int, steps: int, device: str) -> dict
     }
     probs = logits.float().softmax(-1)
     entropy = float(-(probs * probs.clamp_min(1e-30).log()).sum(-1).mean())
-    kept = float((nucleus(probs, 0.9)[0] > 0).sum(-1).float().mean())
+    kept = float((nucleus(probs, 0.9) > 0).sum(-1).float().mean())
     return {
         "vocab": vocab, "kind": kind, "ms": ms, "entropy_nats": entropy, "nucleus_size_top_p_0.9": kept,
         "speedup": ms["generate"] / ms["retrain"], "speedup_top_p": ms["generate_top_p"] / ms["retrain_top_p"],

@@ -125,6 +125,7 @@ class Spec:
     dtype: str = "float32"  # weights (and compute) in both libraries: "float32" or "bfloat16"
     compile: bool = False  # retrain's PolicyConfig.compile (the loss's forward through torch.compile)
     end_probability: float = 0.0  # > 0: natural lengths (each token ends the completion with this chance); 0: forced to full length
+    top_p: float = 1.0  # both libraries' nucleus sampling (1.0: off)
 
     @property
     def natural_lengths(self) -> bool:
@@ -222,7 +223,7 @@ def run_retrain(spec: Spec) -> dict[str, Any]:
         reward=RewardCalculator([RewardSpec(name="retrain.tasks.repeat_letter:letter_fraction")]),
         num_generations=spec.generations, max_completion_length=spec.completion_length,
         learning_rate=spec.learning_rate, beta=spec.beta, loss_type="dapo", generation_backend=spec.generation_backend,
-        micro_batch_size=spec.micro_batch_size or None,
+        micro_batch_size=spec.micro_batch_size or None, top_p=spec.top_p,
         # a fixed KV cache (on CPU a share of host memory would be counted after what the trainer holds)
         vllm=VLLMOptions(kv_cache_memory_bytes=512 * 2**20) if spec.generation_backend == "vllm" else None,
     )
@@ -268,7 +269,7 @@ def run_trl(spec: Spec, scratch: str) -> dict[str, Any]:
         max_completion_length=spec.completion_length,
         generation_kwargs={} if spec.natural_lengths else {"min_new_tokens": spec.completion_length},
         learning_rate=spec.learning_rate, lr_scheduler_type="constant", max_steps=spec.steps + 1,
-        beta=spec.beta, loss_type="dapo",
+        beta=spec.beta, loss_type="dapo", top_p=spec.top_p,
     )
     timer = StepTimer()
     trainer = GRPOTrainer(
@@ -481,7 +482,7 @@ def markdown(record: dict[str, Any]) -> str:
            f"{c['completion_length']}; TRL's and retrain's mean tokens per step below)"
            if c.get("end_probability") else f"{c['completion_length']} completion tokens")
         + f" (prompt {c['prompt_length']} tokens), {c.get('dtype', 'float32')} on {c.get('device', 'cpu')}, "
-        f"beta {c['beta']}, micro-batch "
+        f"beta {c['beta']}, top_p {c.get('top_p', 1.0)}, micro-batch "
         f"{c.get('micro_batch_size') or 'all'}, retrain generation_backend {c.get('generation_backend', 'auto')}, "
         f"retrain policy.compile {c.get('compile', False)}, {c['steps']} timed steps after 1 warm-up, "
         f"{c['repeats']} repetitions. FLOP floor {record['flop_floor']['seconds'] * 1e3:.1f} ms/step "
@@ -537,6 +538,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--end-probability", type=float, default=0.0,
                         help="> 0: natural completion lengths, each token ending the completion with about this probability "
                              "(capped at --completion-length); 0: every completion forced to --completion-length")
+    parser.add_argument("--top-p", type=float, default=1.0, help="both libraries' top_p (nucleus sampling; 1.0: off)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where both libraries train")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                         help="both libraries' weights and compute (bfloat16: retrain precision bf16-true, TRL bf16=True)")
@@ -572,7 +574,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         spec = Spec(str(model_dir), args.prompts, args.generations, args.completion_length, args.steps, args.learning_rate,
                     args.beta, args.threads, generation_backend=args.retrain_generation_backend,
                     micro_batch_size=args.micro_batch_size, device=args.device, dtype=args.dtype, compile=args.retrain_compile,
-                    end_probability=args.end_probability)
+                    end_probability=args.end_probability, top_p=args.top_p)
         if args.micro_batch_size and spec.prompts * spec.generations % args.micro_batch_size:
             raise SystemExit(f"--micro-batch-size {args.micro_batch_size} must divide prompts x generations")
         prompt_length = len(AutoTokenizer.from_pretrained(model_dir)(prompt_records(1)[0]["prompt"])["input_ids"])

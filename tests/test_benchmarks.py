@@ -27,7 +27,7 @@ def test_throughput_with_a_padded_vocabulary_and_natural_lengths_smoke(tmp_path:
     command = [
         sys.executable, str(REPO / "benchmarks" / "throughput.py"), "--steps", "2", "--repeats", "1", "--model-size", "tiny",
         "--generations", "4", "--prompts", "2", "--completion-length", "24", "--vocab-size", "2000", "--end-probability", "0.1",
-        "--out-dir", str(tmp_path),
+        "--top-p", "0.9", "--out-dir", str(tmp_path),
     ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -38,6 +38,7 @@ def test_throughput_with_a_padded_vocabulary_and_natural_lengths_smoke(tmp_path:
     for library in ("retrain", "trl"):
         assert 0 < record["results"][library]["completion_tokens_per_step"] < 2 * 4 * 24
     assert "natural completion lengths" in (tmp_path / "throughput.md").read_text()
+    assert record["config"]["top_p"] == 0.9 and "top_p 0.9" in (tmp_path / "throughput.md").read_text()
 
 
 def test_throughput_smoke(tmp_path: Path) -> None:
@@ -141,6 +142,20 @@ def test_generation_smoke(tmp_path: Path) -> None:
         assert row["own_decoder_used"]  # the LoRA policy too
         assert all(math.isfinite(s) and s > 0 for s in row["seconds_per_call"].values())
     assert record["results"]["plain"]["same_tokens"]  # same weights, same rules, same seed
+
+
+def test_generation_at_a_padded_vocabulary_with_top_p_smoke(tmp_path: Path) -> None:
+    command = [
+        sys.executable, str(REPO / "benchmarks" / "generation.py"), "--rows", "3", "--tokens", "4", "--model-size", "tiny",
+        "--repeats", "1", "--vocab-size", "3000", "--top-p", "0.9", "--policies", "plain", "--out-dir", str(tmp_path),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+    record = json.loads((tmp_path / "generation.json").read_text())
+    assert record["model"]["vocab_size"] == record["config"]["vocab_size"] == 3000 and record["config"]["top_p"] == 0.9
+    assert set(record["results"]) == {"plain"} and "| lora |" not in (tmp_path / "generation.md").read_text()
+    assert record["results"]["plain"]["same_tokens"]  # `generate`'s top-p warper on both sides
 
 
 def test_sampling_smoke(tmp_path: Path) -> None:

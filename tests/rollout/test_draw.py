@@ -40,8 +40,7 @@ def reference_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p:
 
 def nucleus_mask(probs: torch.Tensor, top_p: float, candidates: int = 64) -> torch.Tensor:
     """`retrain`'s nucleus as a `[B, V]` mask."""
-    values, indices = nucleus(probs, top_p, candidates=candidates)  # padding: value 0 at index 0
-    return torch.zeros_like(probs).scatter_add(1, indices, (values > 0).to(probs.dtype)) > 0
+    return nucleus(probs, top_p, candidates=candidates) > 0
 
 
 def sorted_nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -113,7 +112,7 @@ def test_draws_follow_the_distribution_generate_defines(temperature, top_k, top_
 
 def test_nucleus_by_hand(device):
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.05, 0.15, 0.3, 0.5]], device=device)
-    for candidates in (4, 1):  # within the candidates, and by the radix select
+    for candidates in (4, 1):  # within the candidates, and by the bracket of the wide path
         for top_p, kept in [(0.3, 1), (0.75, 2), (0.9, 3), (0.999, 4)]:
             mask = nucleus_mask(probs, top_p, candidates=candidates).cpu()
             assert mask.sum(-1).tolist() == [kept, kept]
@@ -127,7 +126,7 @@ def test_nucleus_is_the_sorted_definition_without_a_sort(vocab, scale, device):
     probs[0] = (torch.randn(vocab) * 4).softmax(-1)  # a peaked row beside flat ones takes both paths at once
     for top_p in (0.1, 0.5, 0.9, 0.95):
         expected = sorted_nucleus(probs, top_p)
-        for candidates in (64, 1):  # 1: every row through the probes
+        for candidates in (64, 1):  # 1: every row through the wide path's brackets
             mask = nucleus_mask(probs.to(device), top_p, candidates=candidates).cpu()
             assert mask.sum(-1).tolist() == expected.sum(-1).tolist()
             # the same set, up to which of several tokens tied at the edge is kept
@@ -136,6 +135,28 @@ def test_nucleus_is_the_sorted_definition_without_a_sort(vocab, scale, device):
                 probs[r][differ[r]].unique().numel() == 1 and probs[r][differ[r]][0] == probs[r][mask[r]].min() for r in range(probs.size(0))
                 if differ[r].any()
             )
+
+
+@pytest.mark.parametrize("vocab", [3000, 151936])
+def test_the_wide_nucleus_is_exact_with_ties_zeros_and_an_edge_past_every_sampled_value(vocab, device):
+    """Rows whose nucleus is far wider than the candidates: logits on a coarse grid (thousands of
+    tokens tied at the edge), a third of the vocabulary at probability 0 (masked, like end-of-sequence
+    before `min_new_tokens`), and top_p so close to 1 that the edge lies below the smallest value of
+    the strided sample the bracket is bisected over."""
+    torch.manual_seed(2)
+    logits = torch.randint(0, 6, (4, vocab)).float() * 0.5
+    logits[1:, : vocab // 3] = float("-inf")
+    probs = logits.softmax(-1)
+    for top_p in (0.3, 0.9, 0.99999):
+        expected = sorted_nucleus(probs, top_p)
+        mask = nucleus_mask(probs.to(device), top_p).cpu()
+        assert mask.sum(-1).tolist() == expected.sum(-1).tolist()
+        assert not mask[probs == 0].any()
+        for r in range(probs.size(0)):  # every token above the edge value, and the lowest-index ties at it
+            edge = probs[r][mask[r]].min()
+            assert mask[r][probs[r] > edge].all() and not mask[r][probs[r] < edge].any()
+            tied = (probs[r] == edge).nonzero().squeeze(1)
+            assert mask[r][tied].tolist() == sorted(mask[r][tied].tolist(), reverse=True)
 
 
 def test_nucleus_matches_transformers_top_p_warper_on_peaked_rows():

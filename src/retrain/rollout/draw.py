@@ -22,9 +22,13 @@ row at every token (`benchmarks/sampling.py` measures them side by side). Here:
   first whose inclusive cumulative mass reaches `top_p` (at least one token): what
   `transformers`' `TopPLogitsWarper` keeps. It is found among the row's `CANDIDATES` most probable
   tokens (a partial `topk`) when they hold `top_p` of the mass, the normal case for a trained
-  model; otherwise a probe for the probability above which `top_p` of the mass lies (one masked
-  sum per probe) says how many candidates to take, and the row's nucleus comes from that many. Ties
-  at the nucleus edge are resolved by `topk`'s order, as `transformers`' are by its sort's.
+  model. Otherwise (a flat row: an untrained model, a high temperature) the edge is bracketed by
+  bisection over a sorted strided sample of `SAMPLE` of the row's values, each step one exact
+  "mass above this value" (two passes over the row, no copy), and only the ~V / `SAMPLE` tokens
+  inside the final bracket are sorted. Ties at the nucleus edge are resolved by `topk`'s order
+  among the candidates and by vocabulary index in the bracket, as `transformers`' are by its sort's.
+  Masses are float32 sums (blocked, so their error stays near float32 rounding), the precision of
+  the probabilities themselves.
 
 `draw` returns each token's log-probability under the distribution it was drawn from (the warped,
 renormalized one), for the sampler's side of the off-policy metrics.
@@ -39,7 +43,7 @@ import torch
 BLOCK = 1024  # vocabulary entries per block of the inverse CDF
 SLACK = 1e-3  # relative inflation of a float32 block sum: > BLOCK * 2**-24, the worst rounding of BLOCK additions
 CANDIDATES = 64  # tokens a row's nucleus is first looked for among (a partial top-k)
-_PROBE_STEP = 2.0  # each probe for a wide nucleus lowers the probability floor by this factor
+SAMPLE = 256  # entries of a row (strided) whose values a wide nucleus's edge is bisected over
 
 
 def inverse_cdf(probs: torch.Tensor, generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,20 +84,75 @@ def inverse_cdf(probs: torch.Tensor, generator: Optional[torch.Generator] = None
     return tokens, sums.double().sum(-1)
 
 
-def _nucleus_size(probs: torch.Tensor, values: torch.Tensor, target: torch.Tensor) -> int:
-    """At least how many of their most probable tokens hold `target` of the rows' mass: probes a
-    probability floor, halving it from the smallest candidate, until the entries above it hold the
-    target in every row (one floor for all rows, so that a probe is a single comparison)."""
-    vocab = probs.size(-1)
-    floor = float(values[:, -1].min())
-    above = torch.empty_like(probs)  # one buffer for every probe: a fresh [b, V] tensor costs more in page faults than the probe
-    zero = torch.zeros((), dtype=probs.dtype, device=probs.device)
-    while floor > 0:
-        floor /= _PROBE_STEP
-        torch.where(probs > floor, probs, zero, out=above)  # [b, V]: entries above the floor, else 0
-        if bool((above.sum(-1, keepdim=True).double() * (1 + 1e-6) >= target).all()):
-            return min(vocab, max(int(above.sign_().sum(-1).max()) + 1, values.size(1) + 1))
-    return vocab
+def _mass_above(probs: torch.Tensor, floor: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """`[b, 1]` float64 mass of the entries of `probs` `[b, V]` strictly above each row's `floor`
+    `[b, 1]`: sum(max(p - floor, 0)) + floor x count(p > floor), the count as the sum of the signs of
+    the same temporary (p - floor is 0 only where p == floor, under IEEE subtraction). In place on one
+    temporary and summed in float32 (torch's reductions sum in blocks, so the error stays near float32
+    rounding): a masked copy or a float64 or integer reduction would first copy the whole input.
+    `scratch`: a tensor like `probs` to hold the temporary (fresh [b, V] memory costs page faults)."""
+    excess = torch.sub(probs, floor, out=scratch).clamp_(min=0)  # [b, V]
+    mass = excess.sum(-1, keepdim=True).double()
+    return mass + floor.double() * excess.sign_().sum(-1, keepdim=True).double()
+
+
+def _edge_bracket(probs: torch.Tensor, head: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row of `probs` `[b, V]`, probabilities `lo < hi` `[b, 1]` with the exact mass above `hi`
+    below `target` `[b, 1]` and the mass above `lo` at least the target, and that mass above `hi`
+    (float64 `[b, 1]`). `lo` and `hi` are neighbours in a sorted strided sample of `SAMPLE` entries,
+    found by bisection on exact masses, so about V / SAMPLE entries lie between them. The sample is
+    bounded by the smallest candidate (`head` `[b, K]`, which hold less than the target) and by 0."""
+    stride = max(1, probs.size(-1) // SAMPLE)
+    sample = probs[:, ::stride].sort(-1, descending=True).values  # [b, S]
+    ladder = torch.cat([head[:, -1:], sample, torch.zeros_like(head[:, :1])], dim=1)  # [b, S + 2], non-increasing
+    below = torch.zeros_like(target, dtype=torch.long)  # ladder index whose mass above is < target
+    reach = torch.full_like(below, ladder.size(1) - 1)  # ladder index whose mass above reaches it
+    scratch = torch.empty_like(probs)
+    above_hi = torch.where(head > head[:, -1:], head, 0.0).sum(-1, keepdim=True, dtype=torch.float64)  # mass above ladder[:, 0]
+    while bool((reach - below > 1).any()):
+        middle = (below + reach) // 2
+        mass = _mass_above(probs, ladder.gather(1, middle), scratch)
+        reached = mass >= target
+        reach, below = torch.where(reached, middle, reach), torch.where(reached, below, middle)
+        above_hi = torch.where(reached, above_hi, mass)
+    return ladder.gather(1, reach), ladder.gather(1, below), above_hi
+
+
+def _wide_nucleus(probs: torch.Tensor, head: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """`probs` `[b, V]` with everything outside each row's nucleus set to 0, for rows whose `CANDIDATES`
+    most probable tokens (`head` `[b, K]`, descending) hold less than `target` `[b, 1]` (float64).
+
+    Every token above the bracket's `hi` is in the nucleus (their mass is below the target) and none at
+    or below `lo` is (the mass above `lo` reaches it); only the tokens in between are sorted, which
+    resolves the edge exactly (ties by vocabulary index)."""
+    rows = probs.size(0)
+    lo, hi, above_hi = _edge_bracket(probs, head, target)
+    # the bracket's tokens, sorted by row, then by probability descending (stably: ties by index)
+    out = probs.masked_fill(probs <= lo, 0.0)
+    row, column = ((probs > lo) & (probs <= hi)).nonzero(as_tuple=True)  # [n] each, row-major
+    if not row.numel():
+        return out
+    values = probs[row, column]
+    by_value = values.sort(descending=True, stable=True).indices  # stable: ties stay in index order
+    order = by_value[row[by_value].sort(stable=True).indices]  # then by row, keeping that order
+    row, column, values = row[order], column[order], values[order].double()
+    before = values.cumsum(0) - values  # [n] mass of the bracket tokens before each one, over all rows
+    counts = torch.bincount(row, minlength=rows)
+    starts = counts.cumsum(0) - counts  # [b] each row's first position
+    before = before - before[starts.clamp(max=row.numel() - 1)][row]  # within its row
+    dropped = above_hi.squeeze(1)[row] + before >= target.squeeze(1)[row]  # its predecessors already hold the target
+    out[row[dropped], column[dropped]] = 0.0
+    return out
+
+
+def _candidates(probs: torch.Tensor, top_p: float, candidates: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each row's `candidates` most probable tokens (`[B, K]` values, descending, and indices), its
+    target mass `[B, 1]` (float64: top_p, or the row's whole mass if that is less), and `[B]` whether
+    the candidates reach it."""
+    target = probs.sum(-1, keepdim=True).double().clamp(max=top_p)  # [B, 1]
+    values, indices = probs.topk(min(candidates, probs.size(-1)), dim=-1)  # [B, K], descending
+    covered = (values.sum(-1, keepdim=True, dtype=torch.float64) >= target).squeeze(1)  # [B]
+    return values, indices, target, covered
 
 
 def _truncate(values: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -105,26 +164,17 @@ def _truncate(values: torch.Tensor, top_p: float) -> torch.Tensor:
     return values * (torch.arange(values.size(1), device=values.device) <= last)
 
 
-def nucleus(probs: torch.Tensor, top_p: float, candidates: int = CANDIDATES) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's top-p nucleus of `probs` `[B, V]` (rows summing to 1 up to rounding), without a
-    sort: `[B, K]` probabilities, descending and zero after the nucleus, and their `[B, K]` indices
-    (`candidates`: how many tokens are looked among first)."""
-    target = probs.sum(-1, keepdim=True).double().clamp(max=top_p)  # [B, 1]
-    values, indices = probs.topk(min(candidates, probs.size(-1)), dim=-1)  # [B, K], descending
-    covered = (values.sum(-1, keepdim=True, dtype=torch.float64) >= target).squeeze(1)  # [B]
-    if bool(covered.all()):
-        return _truncate(values, top_p), indices
-    flat = ~covered
-    rows = probs[flat]  # [b, V]
-    size = _nucleus_size(rows, values[flat], target[flat])
-    wide_values, wide_indices = rows.topk(size, dim=-1)
-    if size < rows.size(-1) and bool((wide_values.sum(-1, keepdim=True, dtype=torch.float64) < target[flat]).any()):
-        wide_values, wide_indices = rows.topk(rows.size(-1), dim=-1)  # rounding left a row short of top_p: take it all
-    out_values = torch.zeros(probs.size(0), wide_values.size(1), dtype=probs.dtype, device=probs.device)
-    out_indices = torch.zeros(probs.size(0), wide_values.size(1), dtype=torch.long, device=probs.device)
-    out_values[covered, : values.size(1)], out_indices[covered, : values.size(1)] = values[covered], indices[covered]
-    out_values[flat], out_indices[flat] = wide_values, wide_indices
-    return _truncate(out_values, top_p), out_indices
+def nucleus(probs: torch.Tensor, top_p: float, candidates: int = CANDIDATES) -> torch.Tensor:
+    """`probs` `[B, V]` (rows summing to 1 up to rounding) with everything outside each row's top-p
+    nucleus set to 0, without a sort of the vocabulary (`candidates`: how many tokens are looked
+    among first). `draw` uses the same steps, without this full-vocabulary form for rows whose
+    nucleus lies within the candidates."""
+    values, indices, target, covered = _candidates(probs, top_p, candidates)
+    out = torch.zeros_like(probs)
+    out[covered] = out[covered].scatter(1, indices[covered], _truncate(values[covered], top_p))
+    if not bool(covered.all()):
+        out[~covered] = _wide_nucleus(probs[~covered], values[~covered], target[~covered])
+    return out
 
 
 def _draw_among(values: torch.Tensor, indices: torch.Tensor, generator: Optional[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,6 +185,14 @@ def _draw_among(values: torch.Tensor, indices: torch.Tensor, generator: Optional
     return indices.gather(1, local[:, None]).squeeze(1), (chosen.log() - total.log()).float()
 
 
+def _draw_full(probs: torch.Tensor, generator: Optional[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw from whole rows `probs` `[b, V]` (zeros excluded): tokens `[b]` and float32 log-probs `[b]`
+    under the rows' renormalized distribution."""
+    tokens, total = inverse_cdf(probs, generator)
+    chosen = probs.gather(1, tokens[:, None]).squeeze(1).double()  # [b]
+    return tokens, (chosen.log() - total.log()).float()
+
+
 def draw(
     logits: torch.Tensor,
     *,
@@ -142,15 +200,20 @@ def draw(
     top_k: int = 0,
     top_p: float = 1.0,
     generator: Optional[torch.Generator] = None,
+    overwrite: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One token per row of `logits` `[B, V]` from softmax(logits / temperature) restricted to the
     top-k, then to the top-p nucleus (`generate`'s order), renormalized.
 
     Returns `[B]` long tokens and their `[B]` float32 log-probabilities under that distribution.
+    `overwrite`: `logits` is the caller's scratch, and the temperature and softmax are applied to it in
+    place (a fresh [B, V] tensor per token costs page faults at a real vocabulary).
     """
+    in_place = overwrite or logits.dtype != torch.float32  # .float() below makes a copy, ours
     logits = logits.float()
     if temperature != 1.0:
-        logits = logits / temperature
+        logits = logits.div_(temperature) if in_place else logits / temperature
+        in_place = True
     vocab = logits.size(-1)
     if 0 < top_k < vocab:
         values, indices = logits.topk(top_k + 1, dim=-1)  # [B, k + 1], descending
@@ -160,9 +223,18 @@ def draw(
         from transformers.generation.logits_process import TopKLogitsWarper
 
         logits = TopKLogitsWarper(top_k)(None, logits)  # a tie at the k-th: transformers' mask keeps every tied token
-    probs = logits.softmax(-1)  # [B, V]
+        in_place = True
+    probs = torch.softmax(logits, -1, out=logits) if in_place else logits.softmax(-1)  # [B, V]
     if top_p < 1.0:
-        return _draw_among(*nucleus(probs, top_p), generator)
-    tokens, total = inverse_cdf(probs, generator)
-    chosen = probs.gather(1, tokens[:, None]).squeeze(1).double()  # [B]
-    return tokens, (chosen.log() - total.log()).float()
+        values, indices, target, covered = _candidates(probs, top_p, CANDIDATES)
+        if bool(covered.all()):
+            return _draw_among(_truncate(values, top_p), indices, generator)
+        tokens = torch.empty(probs.size(0), dtype=torch.long, device=probs.device)
+        logprobs = torch.empty(probs.size(0), dtype=torch.float32, device=probs.device)
+        if bool(covered.any()):
+            tokens[covered], logprobs[covered] = _draw_among(_truncate(values[covered], top_p), indices[covered], generator)
+        wide = ~covered
+        kept = _wide_nucleus(probs[wide] if bool(covered.any()) else probs, values[wide], target[wide])  # [b, V]
+        tokens[wide], logprobs[wide] = _draw_full(kept, generator)
+        return tokens, logprobs
+    return _draw_full(probs, generator)

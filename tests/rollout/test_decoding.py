@@ -19,7 +19,7 @@ def _reference_logits(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Ten
     return model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1]
 
 
-@pytest.mark.parametrize("mode", ["packed", "in-place", "static"])
+@pytest.mark.parametrize("mode", ["packed", "packed-mm", "in-place", "static"])
 @pytest.mark.parametrize("family", FAMILIES)
 @torch.no_grad()
 def test_prefill_and_every_decoding_step_match_the_models_forward(family, mode, family_model, device):
@@ -30,7 +30,9 @@ def test_prefill_and_every_decoding_step_match_the_models_forward(family, mode, 
     mask = torch.ones_like(prompts)
     mask[0, :4] = 0  # left padding of different lengths, and one row without
     mask[1, :1] = 0
-    decoder = KVDecoder(model, batch=3, max_length=7 + 5, pack=mode == "packed", static=mode == "static")
+    packed = mode.startswith("packed")
+    onednn = {"packed": None if device.type == "cuda" else True, "packed-mm": False}.get(mode, False)  # packed-mm: torch.mm, not oneDNN
+    decoder = KVDecoder(model, batch=3, max_length=7 + 5, pack=packed, static=mode == "static", onednn=onednn)
     logits = decoder.prefill(prompts, mask)
     ids = prompts
     for _ in range(5):

@@ -51,6 +51,47 @@ def test_values_and_gradients_equal_the_full_logits_path(temperature, chunk, bia
         torch.testing.assert_close(mine, theirs, rtol=1e-6, atol=1e-6)
 
 
+def _truncated_reference(hidden, weight, targets, temperature, top_k, top_p):
+    """By hand: transformers' own warpers pick the kept tokens, the target is added, and the
+    log-softmax and entropy run over those alone (the mask a constant of the gradient)."""
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    logits = (hidden @ weight.t()) / temperature  # [M, V]
+    scores = logits.detach().float()
+    for warper in ([TopKLogitsWarper(top_k)] if top_k else []) + ([TopPLogitsWarper(top_p)] if top_p < 1 else []):
+        scores = warper(None, scores)
+    keep = scores > float("-inf")
+    keep[torch.arange(M), targets] = True
+    log_probs = logits.masked_fill(~keep, float("-inf")).log_softmax(-1)
+    logps = log_probs.gather(1, targets[:, None]).squeeze(1)
+    entropy = -(log_probs.exp() * log_probs.masked_fill(~keep, 0)).sum(-1)
+    return logps, entropy, keep
+
+
+@pytest.mark.parametrize("top_k, top_p", [(3, 1.0), (0, 0.7), (5, 0.8)])
+@pytest.mark.parametrize("chunk", [1, 3, 100])
+def test_truncated_log_probs_entropies_and_gradients_are_those_of_the_kept_tokens(top_k, top_p, chunk):
+    """With the sampler's top-k / top-p, the log-probs are of the truncated, renormalized
+    distribution; a target outside the kept tokens is kept with them (finite log-prob)."""
+    hidden, weight, _, targets = _inputs(False, seed=4)
+    weights_l = torch.linspace(-1, 2, M, dtype=torch.float64)
+    weights_e = torch.linspace(0.5, -1.5, M, dtype=torch.float64)
+    logps, entropy = chunked_logps(hidden, weight, None, targets, temperature=0.8, chunk_size=chunk, entropy_grad=True,
+                                   top_k=top_k, top_p=top_p)
+    ours = torch.autograd.grad((weights_l * logps).sum() + (weights_e * entropy).sum(), [hidden, weight])
+    ref_logps, ref_entropy, keep = _truncated_reference(hidden, weight, targets, 0.8, top_k, top_p)
+    reference = torch.autograd.grad((weights_l * ref_logps).sum() + (weights_e * ref_entropy).sum(), [hidden, weight])
+
+    assert (keep.sum(-1) < V).all()  # every row truncated, so the check means something
+    full_logps, _ = _full(hidden, weight, None, targets, 0.8)
+    assert (logps.detach() > full_logps.detach() + 1e-3).all()  # renormalized over fewer tokens
+    torch.testing.assert_close(logps.double(), ref_logps, rtol=0, atol=1e-6)
+    torch.testing.assert_close(entropy.double(), ref_entropy, rtol=0, atol=1e-6)
+    for mine, theirs in zip(ours, reference):
+        torch.testing.assert_close(mine, theirs, rtol=1e-6, atol=1e-6)
+        assert torch.isfinite(mine).all()
+
+
 def test_without_entropy_grad_the_entropy_is_detached_and_the_log_prob_gradient_is_unchanged():
     hidden, weight, _, targets = _inputs(False, seed=1)
     logps, entropy = chunked_logps(hidden, weight, None, targets, chunk_size=2)
@@ -166,6 +207,32 @@ def test_the_trainers_log_probs_entropies_and_gradients_equal_the_full_logits_pa
     assert chunked[2].keys() == full[2].keys() and full[2]
     for name, grad in full[2].items():
         torch.testing.assert_close(chunked[2][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_truncated_log_probs_through_the_chunked_head_equal_the_full_logits_path(tiny_model_dir, pack):
+    from transformers import AutoModelForCausalLM
+
+    from retrain.trainer.experience import completion_logps
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    ids, mask, width = _packed_batch(model.config.vocab_size)
+    keep = mask[:, -width:].bool()
+    results = {}
+    for name, options in {"full": dict(full_logits=True), "chunked": dict(chunk_size=3), "untruncated": dict(chunk_size=3, top_p=1.0, top_k=0)}.items():
+        model.zero_grad()
+        logps, entropy = completion_logps(model, ids, mask, width, temperature=0.8, with_entropy=True, entropy_grad=True, pack=pack,
+                                          **{"top_k": 4, "top_p": 0.9, **options})
+        ((logps * keep).sum() + 0.1 * (entropy * keep).sum()).backward()
+        results[name] = (logps.detach(), entropy.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    full, chunked = results["full"], results["chunked"]
+    torch.testing.assert_close(chunked[0][keep], full[0][keep], rtol=0, atol=1e-5)
+    torch.testing.assert_close(chunked[1][keep], full[1][keep], rtol=0, atol=1e-5)
+    for name, grad in full[2].items():
+        torch.testing.assert_close(chunked[2][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert (chunked[0][keep] > results["untruncated"][0][keep]).all()  # top-k 4 of 100+ tokens: renormalized upwards
+    with pytest.raises(ValueError, match="lm_head_kernel 'retrain'"):
+        completion_logps(model, ids, mask, width, top_p=0.9, kernel="trl")
 
 
 def test_heads_the_chunked_path_does_not_cover_fall_back_to_the_full_logits(tiny_model_dir):

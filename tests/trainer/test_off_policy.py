@@ -125,9 +125,41 @@ def test_old_logps_from_the_sampler_save_the_forward_and_train_the_same(tiny_mod
     assert losses[True] == pytest.approx(losses[False], abs=1e-5)
 
 
+@pytest.mark.parametrize("truncated", [False, True])
+def test_with_top_p_and_top_k_the_mismatch_reads_zero_only_when_the_trainer_truncates_too(tiny_model_dir, truncated):
+    """The sampler's log-probs are of the distribution it draws from (top-k, top-p); with
+    `truncated_logps` the trainer's are of the same one, so the float32 mismatch is ~0 again (and
+    the sampler's log-probs may serve as the old ones)."""
+    algo = GRPOTrainer(
+        policy=PolicyConfig(name_or_path=str(tiny_model_dir)),
+        reward=RewardCalculator([RewardSpec(name="regex_match", kwargs={"pattern": "a"})]),
+        num_generations=4, max_completion_length=6, learning_rate=1e-3, top_p=0.8, top_k=20, truncated_logps=truncated,
+    )
+    if truncated:  # accepted now: the two sides describe the same distribution
+        GRPOTrainer(policy=PolicyConfig(name_or_path=str(tiny_model_dir)), reward=RewardCalculator([RewardSpec(name="length_penalty")]),
+                    top_p=0.8, truncated_logps=True, num_iterations=2, old_logps_from_sampler=True)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(algo, datamodule=PromptDataModule(prompts=["repeat a: ", "repeat b: "], batch_size=2))
+    kl = abs(float(trainer.callback_metrics["train/sampler/kl"]))
+    if truncated:
+        assert kl < 1e-6
+        assert abs(float(trainer.callback_metrics["train/sampler/ratio_min"]) - 1) < 1e-3
+    else:  # the sampler's log-probs are renormalized over fewer tokens than the trainer's
+        assert kl > 1e-3
+
+
+def test_truncated_log_probs_refuse_trls_kernel(tiny_model_dir):
+    from retrain.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="truncated_logps=true with lm_head_kernel='trl'"):
+        GRPOTrainer(policy=PolicyConfig(name_or_path=str(tiny_model_dir)), reward=RewardCalculator([RewardSpec(name="length_penalty")]),
+                    truncated_logps=True, top_p=0.9, lm_head_kernel="trl")
+
+
 def test_old_logps_from_a_truncated_sampler_are_refused(tiny_model_dir):
     from retrain.core.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="old_logps_from_sampler=true with top_k=0, top_p=0.9"):
+    with pytest.raises(ConfigError, match="old_logps_from_sampler=true with top_k=0, top_p=0.9.*truncated_logps: true"):
         GRPOTrainer(policy=PolicyConfig(name_or_path=str(tiny_model_dir)), reward=RewardCalculator([RewardSpec(name="length_penalty")]),
                     old_logps_from_sampler=True, top_p=0.9)

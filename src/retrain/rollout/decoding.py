@@ -160,21 +160,30 @@ def _is_dtensor(tensor: torch.Tensor) -> bool:
 class _Projection:
     """Linear layers that read the same input, applied together; returns one output per layer.
 
-    Packed (CPU): one product with the concatenated, pre-transposed weights (LoRA updates folded
-    in). Otherwise: the layers' own weights, one `F.linear` each (plus two thin products per
-    adapter), and no copy.
+    Packed (CPU): one product with the concatenated weights (LoRA updates folded in), reordered
+    once into oneDNN's blocked layout for `rows` rows when oneDNN is available (`onednn`), else
+    pre-transposed for `torch.mm`. Otherwise: the layers' own weights, one `F.linear` each (plus two
+    thin products per adapter), and no copy.
     """
 
-    def __init__(self, linears: Sequence[torch.nn.Module], packed: bool) -> None:
+    def __init__(self, linears: Sequence[torch.nn.Module], packed: bool, rows: int = 1, onednn: Optional[bool] = None) -> None:
         parts = [_Linear.of(layer) for layer in linears]
         self.sizes = [part.weight.size(0) for part in parts]
+        self.width = sum(self.sizes)
         self.packed = packed
+        self.onednn_weight: Optional[torch.Tensor] = None
         if packed:
             merged = [part.merged() for part in parts]
-            self.weight_t = torch.cat([weight for weight, _ in merged]).t().contiguous()
+            weight = merged[0][0] if len(merged) == 1 else torch.cat([weight for weight, _ in merged])  # [width, in]
             self.bias = None if all(bias is None for _, bias in merged) else torch.cat(
                 [bias if bias is not None else weight.new_zeros(weight.size(0)) for weight, bias in merged]
             )
+            if onednn is not False:
+                self.onednn_weight = _onednn_reorder(weight, rows)
+            if onednn and self.onednn_weight is None:
+                raise ValueError("onednn=True needs float32 CPU weights and a torch built with oneDNN")
+            self.weight_t = weight.t().contiguous() if self.onednn_weight is None else None
+            self.weight = weight  # oneDNN's products are float32 only: under autocast, F.linear on this
         else:
             self.parts = parts
 
@@ -188,11 +197,33 @@ class _Projection:
         """Packed only: all layers' outputs, concatenated on the last dimension (into `out`, `[N, width]`
         for N rows of `x`, when given)."""
         flat = x.flatten(0, -2)
-        if self.bias is not None:
+        if self.onednn_weight is not None and (flat.dtype != torch.float32 or torch.is_autocast_enabled(flat.device.type)):
+            y = F.linear(flat, self.weight, self.bias)
+        elif self.onednn_weight is not None:  # (its result is always a fresh tensor)
+            y = torch.ops.mkldnn._linear_pointwise(flat, self.onednn_weight, self.bias, "none", [], "")
+        elif self.bias is not None:
             y = torch.addmm(self.bias, flat, self.weight_t, out=out) if out is not None else torch.addmm(self.bias, flat, self.weight_t)
         else:
             y = torch.mm(flat, self.weight_t, out=out) if out is not None else flat @ self.weight_t
         return y.view(*x.shape[:-1], -1)
+
+
+def _onednn_reorder(weight: torch.Tensor, rows: int) -> Optional[torch.Tensor]:
+    """`weight` `[out, in]` in oneDNN's blocked layout for products with `rows` rows (any row count
+    works), or None where that is not available. On CPU the skinny products of decoding (a few dozen
+    rows against a 32k-152k vocabulary, or a layer's projections) run ~1.3-3.5x faster this way than
+    `torch.mm` on the transposed weight (`benchmarks/NOTES.md`). These are the ops inductor's CPU
+    freezing pass emits (`torch.ops.mkldnn`); torch has no public API for a pre-packed linear, and
+    any failure falls back to `torch.mm`."""
+    if weight.device.type != "cpu" or weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        reordered = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+        probe = weight.new_ones(1, weight.size(1))
+        torch.ops.mkldnn._linear_pointwise(probe, reordered, None, "none", [], "")
+    except (RuntimeError, AttributeError):
+        return None
+    return reordered
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -232,14 +263,15 @@ class KVDecoder:
     `prefill(input_ids, attention_mask)` takes left-padded prompts and returns the next-token
     logits `[B, V]`; `decode(tokens)` appends one token per row and returns the next logits. The
     weights are read when the decoder is built: build a new one after every optimizer step.
-    `pack` packs the projections (see the module docstring; default: on CPU only). `static` decodes
+    `pack` packs the projections (see the module docstring; default: on CPU only), in oneDNN's
+    layout where available unless `onednn` is False (True: required). `static` decodes
     with fixed shapes (the whole cache, masked; see the module docstring) and `graph` captures that
     step as a CUDA graph (default for both: on CUDA only; `graph` needs `static` and CUDA).
     """
 
     def __init__(
         self, model: torch.nn.Module, batch: int, max_length: int, pack: Optional[bool] = None,
-        static: Optional[bool] = None, graph: Optional[bool] = None,
+        static: Optional[bool] = None, graph: Optional[bool] = None, onednn: Optional[bool] = None,
     ) -> None:
         reason = unsupported_reason(model)
         if reason is not None:
@@ -254,13 +286,13 @@ class KVDecoder:
             attn, mlp = layer.self_attn, layer.mlp
             self.layers.append(_Layer(
                 norm1=_norm(layer.input_layernorm),
-                qkv=_Projection([attn.q_proj, attn.k_proj, attn.v_proj], packed),
+                qkv=_Projection([attn.q_proj, attn.k_proj, attn.v_proj], packed, batch, onednn),
                 q_norm=_norm(attn.q_norm) if hasattr(attn, "q_norm") else None,
                 k_norm=_norm(attn.k_norm) if hasattr(attn, "k_norm") else None,
-                out=_Projection([attn.o_proj], packed),
+                out=_Projection([attn.o_proj], packed, batch, onednn),
                 norm2=_norm(layer.post_attention_layernorm),
-                gate_up=_Projection([mlp.gate_proj, mlp.up_proj], packed),
-                down=_Projection([mlp.down_proj], packed),
+                gate_up=_Projection([mlp.gate_proj, mlp.up_proj], packed, batch, onednn),
+                down=_Projection([mlp.down_proj], packed, batch, onednn),
             ))
         first = body.layers[0].self_attn
         self.head_dim = first.head_dim
@@ -268,7 +300,7 @@ class KVDecoder:
         self.heads, self.kv_heads = q_width // self.head_dim, k_width // self.head_dim
         self.scaling = first.scaling
         self.final_norm = _norm(body.norm)
-        self.lm_head = _Projection([model.lm_head], packed)
+        self.lm_head = _Projection([model.lm_head], packed, batch, onednn)
         positions = torch.arange(max_length, device=device)[None]
         cos, sin = body.rotary_emb(self.embed[:1, None], positions)  # [1, T, D], in the model's dtype
         half = self.head_dim // 2
@@ -419,12 +451,12 @@ class KVDecoder:
         if at is None:
             self.length = end
         last = _rms_norm(hidden[:, -1], *self.final_norm)  # [B, d]
-        if not (self.lm_head.packed and at is None):
+        if not (self.lm_head.packed and at is None) or self.lm_head.onednn_weight is not None:
             return self.lm_head(last)[0]
         # one [B, V] buffer for every step's logits: at a real vocabulary a fresh one costs ~5 ms of
         # page faults per token on CPU, an eighth of the head's product
         if self._head_out is None or self._head_out.dtype != last.dtype:
-            self._head_out = torch.empty(batch, self.lm_head.weight_t.size(1), device=last.device, dtype=last.dtype)
+            self._head_out = torch.empty(batch, self.lm_head.width, device=last.device, dtype=last.dtype)
         return self.lm_head.output(last, out=self._head_out)
 
 

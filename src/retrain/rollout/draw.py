@@ -44,6 +44,7 @@ BLOCK = 1024  # vocabulary entries per block of the inverse CDF
 SLACK = 1e-3  # relative inflation of a float32 block sum: > BLOCK * 2**-24, the worst rounding of BLOCK additions
 CANDIDATES = 64  # tokens a row's nucleus is first looked for among (a partial top-k)
 SAMPLE = 256  # entries of a row (strided) whose values a wide nucleus's edge is bisected over
+_SORT_BELOW = 4096  # vocabularies up to this size sort a wide row instead (faster there)
 
 
 def inverse_cdf(probs: torch.Tensor, generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,7 +126,11 @@ def _wide_nucleus(probs: torch.Tensor, head: torch.Tensor, target: torch.Tensor)
     Every token above the bracket's `hi` is in the nucleus (their mass is below the target) and none at
     or below `lo` is (the mass above `lo` reaches it); only the tokens in between are sorted, which
     resolves the edge exactly (ties by vocabulary index)."""
-    rows = probs.size(0)
+    rows, vocab = probs.shape
+    if vocab <= _SORT_BELOW:  # a small vocabulary: one sort costs less than the bisection's passes
+        values, indices = probs.sort(dim=-1, descending=True, stable=True)  # [b, V]; stable: ties by index, as below
+        before = values.cumsum(-1, dtype=torch.float64) - values  # the mass before each token
+        return torch.zeros_like(probs).scatter_(1, indices, values * (before < target))
     lo, hi, above_hi = _edge_bracket(probs, head, target)
     # the bracket's tokens, sorted by row, then by probability descending (stably: ties by index)
     out = probs.masked_fill(probs <= lo, 0.0)
@@ -175,6 +180,19 @@ def nucleus(probs: torch.Tensor, top_p: float, candidates: int = CANDIDATES) -> 
     if not bool(covered.all()):
         out[~covered] = _wide_nucleus(probs[~covered], values[~covered], target[~covered])
     return out
+
+
+def truncation_mask(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> Optional[torch.Tensor]:
+    """`[N, V]` bool: the tokens `draw` can draw from `logits` `[N, V]` (already divided by the
+    temperature) under top-k, then top-p, by the same rules; None when neither truncates. For the
+    trainer's log-probs under the distribution the sampler draws from (`truncated_logps`)."""
+    keep = None
+    if 0 < top_k < logits.size(-1):
+        keep = logits >= logits.topk(top_k, dim=-1).values[:, -1:]  # transformers' rule: ties at the k-th stay
+    if top_p < 1.0:
+        probs = (logits if keep is None else logits.masked_fill(~keep, float("-inf"))).float().softmax(-1)
+        keep = nucleus(probs, top_p) > 0
+    return keep
 
 
 def _draw_among(values: torch.Tensor, indices: torch.Tensor, generator: Optional[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:

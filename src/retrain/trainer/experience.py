@@ -20,6 +20,7 @@ from trl.trainer.utils import entropy_from_logits, selective_log_softmax
 
 from retrain.core.episode import Trajectory
 from retrain.rollout.decoding import unwrapped
+from retrain.rollout.draw import truncation_mask
 from retrain.trainer.lm_head import chunked_logps
 from retrain.reward.calculator import RewardResult
 
@@ -211,12 +212,16 @@ def completion_logps(
     chunk_size: Optional[int] = None,
     pack: bool = False,
     kernel: str = "retrain",
+    top_k: int = 0,
+    top_p: float = 1.0,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Per-token log-probs `[N, C]` of the completion tokens (and their entropies, if asked).
 
     Logits are divided by the sampling temperature, as TRL does, so the log-probs are those of the
     distribution the tokens were sampled from. Position ids follow the attention mask, as in
-    `generate`, so left padding does not shift positions.
+    `generate`, so left padding does not shift positions. With `top_k` / `top_p` set, the
+    distribution is truncated as the sampler truncates it (`retrain.trainer.lm_head`; each row's own
+    token always kept); TRL's kernel does not do that.
 
     By default the log-probs and entropies come from the final hidden states through the LM head
     `chunk_size` tokens at a time (`retrain.trainer.lm_head`; default `default_chunk_size(V)`), for
@@ -238,6 +243,9 @@ def completion_logps(
     else:
         model_inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
         keep = completion_width + 1
+    truncating = bool(top_k) or top_p < 1.0
+    if truncating and kernel == "trl" and not full_logits:
+        raise ValueError("top_k/top_p truncated log-probs need lm_head_kernel 'retrain' (TRL's kernel takes the full softmax)")
     head = None if full_logits else chunkable_head(model)
     targets = input_ids[:, -completion_width:][layout.rows, layout.cols]  # [M]
     if head is not None:
@@ -250,7 +258,7 @@ def completion_logps(
             else:
                 logps, entropy = chunked_logps(
                     states, head.weight, head.bias, targets,
-                    temperature=temperature, chunk_size=chunk_size, entropy_grad=entropy_grad,
+                    temperature=temperature, chunk_size=chunk_size, entropy_grad=entropy_grad, top_k=top_k, top_p=top_p,
                 )
             return torch.stack([layout.scatter(logps), layout.scatter(entropy)], -1)
 
@@ -269,6 +277,9 @@ def completion_logps(
         logits = logits[:, :-1, :]  # [N, C, V]: the logit at t predicts token t + 1
     if temperature != 1.0:  # skip a full copy of the logits in the common case
         logits = logits / temperature
+    if truncating:
+        return _truncated_full_logps(logits, input_ids[:, -completion_width:] if not pack else targets[None], top_k, top_p,
+                                     with_entropy, entropy_grad, layout if pack else None)
     if pack:
         logps = layout.scatter(selective_log_softmax(logits, targets[None])[0])
     else:
@@ -278,6 +289,28 @@ def completion_logps(
         entropy = entropy_from_logits(logits if entropy_grad else logits.detach())
         if pack:
             entropy = layout.scatter(entropy[0])
+    return logps, entropy
+
+
+def _truncated_full_logps(
+    logits: torch.Tensor, targets: torch.Tensor, top_k: int, top_p: float, with_entropy: bool, entropy_grad: bool,
+    layout: Optional["_TargetLayout"],
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The full-logits path's log-probs (and entropies) `[N, C]` of `targets` `[N, C]` under the
+    top-k/top-p truncated distribution, as `lm_head._chunk_log_probs` computes them per chunk
+    (`layout`: packed rows, scattered back)."""
+    flat = logits.reshape(-1, logits.size(-1))  # [N*C, V]
+    keep = truncation_mask(flat.detach(), top_k, top_p)
+    keep[torch.arange(keep.size(0), device=keep.device), targets.reshape(-1)] = True
+    log_probs = flat.float().masked_fill(~keep, float("-inf")).log_softmax(-1).clamp(min=torch.finfo(torch.float32).min)
+    logps = log_probs.gather(-1, targets.reshape(-1, 1)).view(targets.shape)
+    entropy = None
+    if with_entropy:
+        source = log_probs if entropy_grad else log_probs.detach()
+        entropy = -(source.exp() * source).sum(-1).view(targets.shape)
+    if layout is not None:
+        logps = layout.scatter(logps[0])
+        entropy = None if entropy is None else layout.scatter(entropy[0])
     return logps, entropy
 
 

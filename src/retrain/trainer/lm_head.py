@@ -22,6 +22,10 @@ from typing import Optional
 
 import torch
 
+from retrain.rollout.draw import truncation_mask
+
+Truncation = Optional[tuple[int, float]]  # (top_k, top_p) the sampler truncates with, or None for the full softmax
+
 # Elements of one chunk's logits (16M: 64 MB in float32; the path holds about two such tensors at a
 # time): the default chunk is this many divided by V.
 DEFAULT_CHUNK_ELEMENTS = 2**24
@@ -32,23 +36,38 @@ def default_chunk_size(vocab_size: int) -> int:
     return max(1, DEFAULT_CHUNK_ELEMENTS // max(1, vocab_size))
 
 
-def _chunk_log_probs(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], temperature: float) -> torch.Tensor:
+def _chunk_log_probs(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], temperature: float,
+    truncation: Truncation = None, targets: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """One chunk's log-softmax `[c, V]` at the temperature, in at least float32; the logits are freed
-    as soon as it exists (each `[c, V]` tensor is the path's whole memory, so every one counts)."""
+    as soon as it exists (each `[c, V]` tensor is the path's whole memory, so every one counts).
+
+    With `truncation`, the log-softmax over the tokens the sampler could draw (`truncation_mask`) and
+    each row's target, which is always kept: a token the sampler drew at the nucleus edge must not get
+    log-prob -inf from a forward that rounds slightly differently. The tokens outside get the most
+    negative finite value instead of -inf, so that 0 x log p stays 0 in the entropy and its gradient."""
     logits = hidden @ weight.t()  # [c, V]
     if bias is not None:
         logits += bias
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # half-precision heads: softmax in float32
     if temperature != 1.0:
         logits /= temperature
-    return logits.log_softmax(-1)
+    if truncation is None:
+        return logits.log_softmax(-1)
+    keep = truncation_mask(logits, *truncation)  # [c, V]
+    keep[torch.arange(keep.size(0), device=keep.device), targets] = True
+    logits.masked_fill_(~keep, float("-inf"))
+    del keep
+    return logits.log_softmax(-1).clamp_(min=torch.finfo(logits.dtype).min)
 
 
 def _chunk_statistics(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor, temperature: float
+    hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor, temperature: float,
+    truncation: Truncation,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """For one chunk: (log-probs of the targets [c], entropies [c])."""
-    log_probs = _chunk_log_probs(hidden, weight, bias, temperature)  # [c, V]
+    log_probs = _chunk_log_probs(hidden, weight, bias, temperature, truncation, targets)  # [c, V]
     target_logps = log_probs.gather(-1, targets[:, None]).squeeze(-1)  # [c]
     entropy = -(log_probs.exp().mul_(log_probs)).sum(-1)  # [c]
     return target_logps, entropy
@@ -56,22 +75,22 @@ def _chunk_statistics(
 
 class _ChunkedLogps(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature, chunk):  # type: ignore[override]
+    def forward(ctx, hidden, weight, bias, targets, temperature, chunk, truncation):  # type: ignore[override]
         dtype = torch.promote_types(torch.promote_types(hidden.dtype, weight.dtype), torch.float32)
         logps = torch.empty(hidden.size(0), dtype=dtype, device=hidden.device)  # [M]
         entropy = torch.empty_like(logps)  # [M]
         for start in range(0, hidden.size(0), chunk):
             rows = slice(start, start + chunk)
-            logps[rows], entropy[rows] = _chunk_statistics(hidden[rows], weight, bias, targets[rows], temperature)
+            logps[rows], entropy[rows] = _chunk_statistics(hidden[rows], weight, bias, targets[rows], temperature, truncation)
         ctx.save_for_backward(hidden, weight, bias, targets, entropy)
-        ctx.temperature, ctx.chunk = temperature, chunk
+        ctx.temperature, ctx.chunk, ctx.truncation = temperature, chunk, truncation
         ctx.set_materialize_grads(False)  # an unused output (a detached entropy) then costs nothing in backward
         return logps, entropy
 
     @staticmethod
     def backward(ctx, grad_logps, grad_entropy):  # type: ignore[override]
         hidden, weight, bias, targets, entropy = ctx.saved_tensors
-        temperature, chunk = ctx.temperature, ctx.chunk
+        temperature, chunk, truncation = ctx.temperature, ctx.chunk, ctx.truncation
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         dtype = entropy.dtype  # the precision the forward's softmax ran at
@@ -81,7 +100,8 @@ class _ChunkedLogps(torch.autograd.Function):
         grad_entropy = None if grad_entropy is None else grad_entropy.to(dtype)
         for start in range(0, hidden.size(0), chunk):
             rows = slice(start, start + chunk)
-            log_probs = _chunk_log_probs(hidden[rows], weight, bias, temperature)  # [c, V]
+            # the same mask as the forward's: recomputed from the same logits (deterministic), not stored
+            log_probs = _chunk_log_probs(hidden[rows], weight, bias, temperature, truncation, targets[rows])  # [c, V]
             probs = log_probs.exp()  # [c, V]
             # d/dz of (g_l * l + g_E * E), then 1/T for z = logits / T: [c, V], built in place so that
             # at most two [c, V] tensors exist
@@ -105,7 +125,7 @@ class _ChunkedLogps(torch.autograd.Function):
             grad_weight = grad_weight.to(weight.dtype)
         if grad_bias is not None:
             grad_bias = grad_bias.to(bias.dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
 
 
 def chunked_logps(
@@ -117,6 +137,8 @@ def chunked_logps(
     temperature: float = 1.0,
     chunk_size: Optional[int] = None,
     entropy_grad: bool = False,
+    top_k: int = 0,
+    top_p: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs `[...]` of `targets` and entropies `[...]` of the LM head's distribution at `temperature`.
 
@@ -129,12 +151,16 @@ def chunked_logps(
         chunk_size: tokens per chunk (default: `default_chunk_size(V)`).
         entropy_grad: whether gradients flow through the entropy (an entropy bonus); otherwise it is
             returned detached and its gradient is not computed.
+        top_k, top_p: with either set (top_k > 0, top_p < 1), log-probs and entropies of the
+            truncated, renormalized distribution the sampler draws from (`_chunk_log_probs`); the
+            tokens kept are constants of the gradient, as the sampler's choice is.
     """
     leading = targets.shape
     flat_hidden = hidden.reshape(-1, hidden.size(-1))  # [M, H]
     flat_targets = targets.reshape(-1)  # [M]
     chunk = chunk_size or default_chunk_size(weight.size(0))
-    logps, entropy = _ChunkedLogps.apply(flat_hidden, weight, bias, flat_targets, float(temperature), int(chunk))
+    truncation = (int(top_k), float(top_p)) if top_k or top_p < 1.0 else None
+    logps, entropy = _ChunkedLogps.apply(flat_hidden, weight, bias, flat_targets, float(temperature), int(chunk), truncation)
     if not entropy_grad:
         entropy = entropy.detach()
     return logps.view(leading), entropy.view(leading)

@@ -154,8 +154,19 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
             `steps_per_generation` > 1), use the sampler's log-probs as the old log-probs instead of
             a forward pass over the generation. Safe when the sampler draws from exactly the
             trainer's distribution: retrain's decoder or `generate` on the policy's own weights, in
-            float32, with top_k 0 and top_p 1 (`train/sampler/kl` reads ~0; check it). Not with
-            bf16 sampling or another engine, whose mismatch would then go uncorrected.
+            float32, with top_k 0 and top_p 1 or with `truncated_logps` (`train/sampler/kl` reads ~0;
+            check it). Not with bf16 sampling or another engine, whose mismatch would then go
+            uncorrected.
+        truncated_logps: take every log-prob the loss uses (the policy's, the old and the reference
+            policy's) under the distribution the sampler draws from: the softmax at the temperature
+            restricted to top_k, then to the top_p nucleus, renormalized, each model under its own
+            nucleus, with the completion's own token always kept (a token drawn at the nucleus edge
+            must not get log-prob -inf from a forward that rounds differently). Off (TRL's choice):
+            the full softmax at the temperature, so with top_k or top_p set the sampler's log-probs
+            and the trainer's describe different distributions and `train/sampler/*` measures the
+            truncation as well as any engine mismatch; on, they read ~0 in float32. No effect with
+            top_k 0 and top_p 1. Costs one nucleus search per token of the loss (fast for a trained
+            model's peaked rows), in the forward and again in the backward.
     """
 
     def __init__(
@@ -193,6 +204,7 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
         micro_batch_tokens: Optional[int] = None,
         pack_rows: bool = False,
         lm_head_kernel: Literal["retrain", "trl"] = "retrain",
+        truncated_logps: bool = False,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -268,10 +280,16 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
             problems.append(f"micro_batch_size={h.micro_batch_size}: must be >= 1, or null.")
         if h.eval_num_generations is not None and h.eval_num_generations < 1:
             problems.append(f"eval_num_generations={h.eval_num_generations}: must be >= 1.")
-        if h.old_logps_from_sampler and (h.top_k or h.top_p < 1):
+        if h.old_logps_from_sampler and (h.top_k or h.top_p < 1) and not h.truncated_logps:
             problems.append(
                 f"old_logps_from_sampler=true with top_k={h.top_k}, top_p={h.top_p}: the sampler then draws from a truncated "
-                "distribution, not the trainer's; use top_k 0 and top_p 1.0, or compute the old log-probs (false)."
+                "distribution, not the trainer's; set truncated_logps: true (the trainer's log-probs then describe the same "
+                "distribution), use top_k 0 and top_p 1.0, or compute the old log-probs (false)."
+            )
+        if h.truncated_logps and h.lm_head_kernel == "trl" and not h.full_logits:
+            problems.append(
+                "truncated_logps=true with lm_head_kernel='trl': TRL's kernel takes the full softmax; use lm_head_kernel "
+                "'retrain' (or full_logits: true)."
             )
         if h.logits_chunk_size is not None and h.logits_chunk_size < 1:
             problems.append(f"logits_chunk_size={h.logits_chunk_size}: must be >= 1 (tokens per chunk), or null for the default.")
@@ -378,6 +396,7 @@ class RLTrainer(pl.LightningModule, BaseTrainer):
             temperature=h.temperature, with_entropy=with_entropy, entropy_grad=entropy_grad,
             chunk_size=h.logits_chunk_size, full_logits=h.full_logits or self._compiled_and_sharded(model),
             pack=h.pack_rows, kernel=h.lm_head_kernel,
+            top_k=h.top_k if h.truncated_logps else 0, top_p=h.top_p if h.truncated_logps else 1.0,
         )
 
     def configure_optimizers(self) -> Any:

@@ -231,6 +231,9 @@ def test_truncated_log_probs_through_the_chunked_head_equal_the_full_logits_path
     for name, grad in full[2].items():
         torch.testing.assert_close(chunked[2][name], grad, rtol=1e-4, atol=1e-6, msg=name)
     assert (chunked[0][keep] > results["untruncated"][0][keep]).all()  # top-k 4 of 100+ tokens: renormalized upwards
+    for full_logits in (False, True):  # a top_k beyond the vocabulary truncates nothing
+        wide, _ = completion_logps(model, ids, mask, width, temperature=0.8, top_k=10**6, full_logits=full_logits, pack=pack)
+        torch.testing.assert_close(wide.detach()[keep], results["untruncated"][0][keep], rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="lm_head_kernel 'retrain'"):
         completion_logps(model, ids, mask, width, top_p=0.9, kernel="trl")
 

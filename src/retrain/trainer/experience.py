@@ -301,6 +301,8 @@ def _truncated_full_logps(
     (`layout`: packed rows, scattered back)."""
     flat = logits.reshape(-1, logits.size(-1))  # [N*C, V]
     keep = truncation_mask(flat.detach(), top_k, top_p)
+    if keep is None:  # top_k >= V with top_p 1: nothing truncated
+        keep = torch.ones_like(flat, dtype=torch.bool)
     keep[torch.arange(keep.size(0), device=keep.device), targets.reshape(-1)] = True
     log_probs = flat.float().masked_fill(~keep, float("-inf")).log_softmax(-1).clamp(min=torch.finfo(torch.float32).min)
     logps = log_probs.gather(-1, targets.reshape(-1, 1)).view(targets.shape)

@@ -53,9 +53,9 @@ def _chunk_log_probs(
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # half-precision heads: softmax in float32
     if temperature != 1.0:
         logits /= temperature
-    if truncation is None:
+    keep = None if truncation is None else truncation_mask(logits, *truncation)  # [c, V]
+    if keep is None:  # (also top_k >= V with top_p 1: nothing truncated)
         return logits.log_softmax(-1)
-    keep = truncation_mask(logits, *truncation)  # [c, V]
     keep[torch.arange(keep.size(0), device=keep.device), targets] = True
     logits.masked_fill_(~keep, float("-inf"))
     del keep

@@ -11,10 +11,11 @@ than `generate` in `benchmarks/throughput.py`, see `benchmarks/NOTES.md`):
 - a key/value cache preallocated for the whole call and written in place;
 - rotary tables computed once per call by the model's own `rotary_emb` (so every RoPE scaling the
   model applies statically -- default, linear, llama3, yarn -- is honoured exactly);
-- on CPU, the q/k/v and gate/up projections packed into one pre-transposed matrix each (a copy of
-  the decoder's linear weights, made per call because the policy changes every step): fewer and
-  larger matrix products, in the layout MKL multiplies fastest. On accelerators the model's own
-  weights are used as they are (no copy);
+- on CPU, the q/k/v and gate/up projections packed into one matrix each and every projection (the
+  LM head included) reordered into oneDNN's blocked layout (a copy of the decoder's linear weights,
+  made per call because the policy changes every step): fewer and larger matrix products, in the
+  layout they run fastest in (pre-transposed for `torch.mm` where oneDNN is missing). On
+  accelerators the model's own weights are used as they are (no copy);
 - on CUDA, one decoding step captured once per call as a CUDA graph and replayed for every later
   token. A step is ~30 small kernels per layer, and launching them one by one from Python costs far
   more than running them (on an H100, `generate` and the eager decoder spent ~17 and ~11 ms per
@@ -211,8 +212,8 @@ class _Projection:
 def _onednn_reorder(weight: torch.Tensor, rows: int) -> Optional[torch.Tensor]:
     """`weight` `[out, in]` in oneDNN's blocked layout for products with `rows` rows (any row count
     works), or None where that is not available. On CPU the skinny products of decoding (a few dozen
-    rows against a 32k-152k vocabulary, or a layer's projections) run ~1.3-3.5x faster this way than
-    `torch.mm` on the transposed weight (`benchmarks/NOTES.md`). These are the ops inductor's CPU
+    rows against a 32k-152k vocabulary, or a layer's projections) run several times faster this way
+    than `torch.mm` on the transposed weight (`benchmarks/NOTES.md`). These are the ops inductor's CPU
     freezing pass emits (`torch.ops.mkldnn`); torch has no public API for a pre-packed linear, and
     any failure falls back to `torch.mm`."""
     if weight.device.type != "cpu" or weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available():

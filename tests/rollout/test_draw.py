@@ -148,12 +148,16 @@ def test_nucleus_is_the_sorted_definition_without_a_sort(vocab, scale, device):
             )
 
 
-@pytest.mark.parametrize("vocab", [3000, 40000])
-def test_the_wide_nucleus_is_exact_with_ties_zeros_and_an_edge_past_every_sampled_value(vocab, device, wide_path):
+@pytest.mark.parametrize("vocab, sort_below", [(3000, None), (3000, 0), (40000, None)], ids=["3000-sort", "3000-bracket", "40000-bracket"])
+def test_the_wide_nucleus_is_exact_with_ties_zeros_and_an_edge_past_every_sampled_value(vocab, sort_below, device, monkeypatch):
     """Rows whose nucleus is far wider than the candidates: logits on a coarse grid (thousands of
     tokens tied at the edge), a third of the vocabulary at probability 0 (masked, like end-of-sequence
     before `min_new_tokens`), and top_p so close to 1 that the edge lies below the smallest value of
-    the strided sample the bracket is bisected over."""
+    the strided sample the bracket is bisected over (`sort_below` 0: the bracket at a small vocabulary too)."""
+    from retrain.rollout import draw as draws
+
+    if sort_below is not None:
+        monkeypatch.setattr(draws, "_SORT_BELOW", sort_below)
     torch.manual_seed(2)
     logits = torch.randint(0, 6, (4, vocab)).float() * 0.5
     logits[1:, : vocab // 3] = float("-inf")

@@ -170,7 +170,6 @@ class _Projection:
     def __init__(self, linears: Sequence[torch.nn.Module], packed: bool, rows: int = 1, onednn: Optional[bool] = None) -> None:
         parts = [_Linear.of(layer) for layer in linears]
         self.sizes = [part.weight.size(0) for part in parts]
-        self.width = sum(self.sizes)
         self.packed = packed
         self.onednn_weight: Optional[torch.Tensor] = None
         if packed:
@@ -194,18 +193,17 @@ class _Projection:
         y = self.output(x)
         return y.split(self.sizes, dim=-1) if len(self.sizes) > 1 else (y,)
 
-    def output(self, x: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Packed only: all layers' outputs, concatenated on the last dimension (into `out`, `[N, width]`
-        for N rows of `x`, when given)."""
+    def output(self, x: torch.Tensor) -> torch.Tensor:
+        """Packed only: all layers' outputs, concatenated on the last dimension."""
         flat = x.flatten(0, -2)
         if self.onednn_weight is not None and (flat.dtype != torch.float32 or torch.is_autocast_enabled(flat.device.type)):
             y = F.linear(flat, self.weight, self.bias)
-        elif self.onednn_weight is not None:  # (its result is always a fresh tensor)
+        elif self.onednn_weight is not None:
             y = torch.ops.mkldnn._linear_pointwise(flat, self.onednn_weight, self.bias, "none", [], "")
         elif self.bias is not None:
-            y = torch.addmm(self.bias, flat, self.weight_t, out=out) if out is not None else torch.addmm(self.bias, flat, self.weight_t)
+            y = torch.addmm(self.bias, flat, self.weight_t)
         else:
-            y = torch.mm(flat, self.weight_t, out=out) if out is not None else flat @ self.weight_t
+            y = flat @ self.weight_t
         return y.view(*x.shape[:-1], -1)
 
 
@@ -324,7 +322,6 @@ class KVDecoder:
         self._token = torch.zeros(batch, dtype=torch.long, device=device)
         self._at = torch.zeros(1, dtype=torch.long, device=device)
         self._logits: Optional[torch.Tensor] = None
-        self._head_out: Optional[torch.Tensor] = None  # eager, packed: the buffer the logits are written to
         self._cuda_graph: Optional[torch.cuda.CUDAGraph] = None
         self.graph_replays = 0
 
@@ -349,9 +346,8 @@ class KVDecoder:
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The next-token logits after appending `tokens` `[B]`: a buffer that the next `decode`
-        overwrites (in static mode, and when packed), so use it (or copy it) before then; the caller
-        may overwrite it too."""
+        """The next-token logits after appending `tokens` `[B]`. In static mode the result is a buffer
+        that the next `decode` overwrites: use it (or copy it) before then. The caller may overwrite it."""
         if self.static:
             return self._decode_static(tokens)
         self.valid[:, self.length] = True
@@ -451,14 +447,7 @@ class KVDecoder:
             hidden = hidden + layer.down(F.silu(gate) * up)[0]
         if at is None:
             self.length = end
-        last = _rms_norm(hidden[:, -1], *self.final_norm)  # [B, d]
-        if not (self.lm_head.packed and at is None) or self.lm_head.onednn_weight is not None:
-            return self.lm_head(last)[0]
-        # one [B, V] buffer for every step's logits: at a real vocabulary a fresh one costs ~5 ms of
-        # page faults per token on CPU, an eighth of the head's product
-        if self._head_out is None or self._head_out.dtype != last.dtype:
-            self._head_out = torch.empty(batch, self.lm_head.width, device=last.device, dtype=last.dtype)
-        return self.lm_head.output(last, out=self._head_out)
+        return self.lm_head(_rms_norm(hidden[:, -1], *self.final_norm))[0]
 
 
 def _warpers(temperature: float, top_k: int, top_p: float) -> list:

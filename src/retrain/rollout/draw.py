@@ -195,20 +195,19 @@ def truncation_mask(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) ->
     return keep
 
 
-def _draw_among(values: torch.Tensor, indices: torch.Tensor, generator: Optional[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw among candidates `values` `[b, K]` (probabilities, zeros excluded) at `indices`: tokens
-    `[b]` and float32 log-probs `[b]` under the candidates' renormalized distribution."""
-    local, total = inverse_cdf(values, generator)
-    chosen = values.gather(1, local[:, None]).squeeze(1).double()
-    return indices.gather(1, local[:, None]).squeeze(1), (chosen.log() - total.log()).float()
-
-
 def _draw_full(probs: torch.Tensor, generator: Optional[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw from whole rows `probs` `[b, V]` (zeros excluded): tokens `[b]` and float32 log-probs `[b]`
     under the rows' renormalized distribution."""
     tokens, total = inverse_cdf(probs, generator)
     chosen = probs.gather(1, tokens[:, None]).squeeze(1).double()  # [b]
     return tokens, (chosen.log() - total.log()).float()
+
+
+def _draw_among(values: torch.Tensor, indices: torch.Tensor, generator: Optional[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw among candidates `values` `[b, K]` (probabilities, zeros excluded) at `indices`: tokens
+    `[b]` and float32 log-probs `[b]` under the candidates' renormalized distribution."""
+    local, logprobs = _draw_full(values, generator)
+    return indices.gather(1, local[:, None]).squeeze(1), logprobs
 
 
 def draw(

@@ -20,8 +20,7 @@ from trl.trainer.utils import entropy_from_logits, selective_log_softmax
 
 from retrain.core.episode import Trajectory
 from retrain.rollout.decoding import unwrapped
-from retrain.rollout.draw import truncation_mask
-from retrain.trainer.lm_head import chunked_logps
+from retrain.trainer.lm_head import chunked_logps, log_softmax_over, sampler_support
 from retrain.reward.calculator import RewardResult
 
 
@@ -297,14 +296,11 @@ def _truncated_full_logps(
     layout: Optional["_TargetLayout"],
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The full-logits path's log-probs (and entropies) `[N, C]` of `targets` `[N, C]` under the
-    top-k/top-p truncated distribution, as `lm_head._chunk_log_probs` computes them per chunk
-    (`layout`: packed rows, scattered back)."""
-    flat = logits.reshape(-1, logits.size(-1))  # [N*C, V]
-    keep = truncation_mask(flat.detach(), top_k, top_p)
-    if keep is None:  # top_k >= V with top_p 1: nothing truncated
-        keep = torch.ones_like(flat, dtype=torch.bool)
-    keep[torch.arange(keep.size(0), device=keep.device), targets.reshape(-1)] = True
-    log_probs = flat.float().masked_fill(~keep, float("-inf")).log_softmax(-1).clamp(min=torch.finfo(torch.float32).min)
+    top-k/top-p truncated distribution, by the chunked head's rules (`sampler_support`,
+    `log_softmax_over`; `layout`: packed rows, scattered back)."""
+    flat = logits.reshape(-1, logits.size(-1)).float()  # [N*C, V]
+    keep = sampler_support(flat, targets.reshape(-1), (top_k, top_p))
+    log_probs = flat.log_softmax(-1) if keep is None else log_softmax_over(flat, keep)
     logps = log_probs.gather(-1, targets.reshape(-1, 1)).view(targets.shape)
     entropy = None
     if with_entropy:

@@ -36,30 +36,41 @@ def default_chunk_size(vocab_size: int) -> int:
     return max(1, DEFAULT_CHUNK_ELEMENTS // max(1, vocab_size))
 
 
+def sampler_support(logits: torch.Tensor, targets: torch.Tensor, truncation: Truncation) -> Optional[torch.Tensor]:
+    """`[c, V]` bool: the tokens the sampler could draw from `logits` `[c, V]` (at the temperature)
+    under `truncation` (`truncation_mask`), and each row's target `[c]`, which is always kept: a token
+    the sampler drew at the nucleus edge must not get log-prob -inf from a forward that rounds
+    slightly differently. None when nothing is truncated (also top_k >= V with top_p 1)."""
+    keep = None if truncation is None else truncation_mask(logits.detach(), *truncation)
+    if keep is not None:
+        keep[torch.arange(keep.size(0), device=keep.device), targets] = True
+    return keep
+
+
+def log_softmax_over(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The log-softmax of `logits` `[c, V]` over the `keep` tokens only; the others get the most
+    negative finite value instead of -inf, so that 0 x log p stays 0 in the entropy and its gradient.
+    In place where autograd does not need the log-softmax (the chunked head's own backward)."""
+    log_probs = logits.masked_fill(~keep, float("-inf")).log_softmax(-1)
+    floor = torch.finfo(log_probs.dtype).min
+    return log_probs.clamp(min=floor) if log_probs.requires_grad else log_probs.clamp_(min=floor)
+
+
 def _chunk_log_probs(
     hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], temperature: float,
     truncation: Truncation = None, targets: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """One chunk's log-softmax `[c, V]` at the temperature, in at least float32; the logits are freed
     as soon as it exists (each `[c, V]` tensor is the path's whole memory, so every one counts).
-
-    With `truncation`, the log-softmax over the tokens the sampler could draw (`truncation_mask`) and
-    each row's target, which is always kept: a token the sampler drew at the nucleus edge must not get
-    log-prob -inf from a forward that rounds slightly differently. The tokens outside get the most
-    negative finite value instead of -inf, so that 0 x log p stays 0 in the entropy and its gradient."""
+    With `truncation`, over the tokens the sampler could draw and the targets (`sampler_support`)."""
     logits = hidden @ weight.t()  # [c, V]
     if bias is not None:
         logits += bias
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # half-precision heads: softmax in float32
     if temperature != 1.0:
         logits /= temperature
-    keep = None if truncation is None else truncation_mask(logits, *truncation)  # [c, V]
-    if keep is None:  # (also top_k >= V with top_p 1: nothing truncated)
-        return logits.log_softmax(-1)
-    keep[torch.arange(keep.size(0), device=keep.device), targets] = True
-    logits.masked_fill_(~keep, float("-inf"))
-    del keep
-    return logits.log_softmax(-1).clamp_(min=torch.finfo(logits.dtype).min)
+    keep = None if truncation is None else sampler_support(logits, targets, truncation)
+    return logits.log_softmax(-1) if keep is None else log_softmax_over(logits, keep)
 
 
 def _chunk_statistics(

@@ -137,7 +137,7 @@ def test_nucleus_is_the_sorted_definition_without_a_sort(vocab, scale, device):
     probs[0] = (torch.randn(vocab) * 4).softmax(-1)  # a peaked row beside flat ones takes both paths at once
     for top_p in (0.1, 0.5, 0.9, 0.95):
         expected = sorted_nucleus(probs, top_p)
-        for candidates in (64, 1):  # 1: every row through the wide path's brackets
+        for candidates in (64, 1, (2, 16)):  # 1: every row through the wide path's brackets; (2, 16): a second top-k
             mask = nucleus_mask(probs.to(device), top_p, candidates=candidates).cpu()
             assert mask.sum(-1).tolist() == expected.sum(-1).tolist()
             # the same set, up to which of several tokens tied at the edge is kept
@@ -172,6 +172,38 @@ def test_the_wide_nucleus_is_exact_with_ties_zeros_and_an_edge_past_every_sample
             assert mask[r][probs[r] > edge].all() and not mask[r][probs[r] < edge].any()
             tied = (probs[r] == edge).nonzero().squeeze(1)
             assert mask[r][tied].tolist() == sorted(mask[r][tied].tolist(), reverse=True)
+
+
+@pytest.mark.parametrize("top_p, redraws", [(0.9, None), (0.9, 0), (0.3, None)], ids=["rejection", "copied-out", "small-nucleus"])
+def test_draws_from_a_wide_nucleus_follow_its_distribution(top_p, redraws, wide_path, device, monkeypatch):
+    """Rows whose nucleus is wider than every candidate size: drawn by rejection from the whole row
+    (top_p 0.9), from the nucleus copied out (no rejection rounds allowed), or so when the nucleus holds
+    under half the row (top_p 0.3); a peaked row in the batch takes the candidates at the same time."""
+    from retrain.rollout import draw as draws
+
+    monkeypatch.setattr(draws, "CANDIDATES", (3,))
+    if redraws is not None:
+        monkeypatch.setattr(draws, "REDRAWS", redraws)
+    torch.manual_seed(4)
+    logits = torch.randn(120) * 0.7  # nucleus at 0.9: most of the 120 tokens
+    expected = reference_probs(logits, 1.0, 0, top_p)
+    assert int((expected > 0).sum()) > 3
+    batch = logits.expand(DRAWS // 2, -1).clone()
+    peaked_logits = torch.full((120,), -30.0)
+    peaked_logits[:12] = LOGITS * 2
+    batch[::7] = peaked_logits  # every 7th row peaked: its nucleus among the 3 candidates
+    generator = torch.Generator(device).manual_seed(5)
+    tokens, logprobs = draw(batch.to(device), top_p=top_p, generator=generator)
+    tokens, logprobs = tokens.cpu(), logprobs.cpu()
+    flat = torch.ones(batch.size(0), dtype=torch.bool)
+    flat[::7] = False
+    counts = torch.bincount(tokens[flat], minlength=logits.numel())
+    assert counts[expected == 0].sum() == 0, "a token outside the nucleus was drawn"
+    assert chi_square_p_value(counts, expected) > 1e-4
+    torch.testing.assert_close(logprobs[flat], expected.log()[tokens[flat]], atol=1e-5, rtol=1e-5)
+    peaked = reference_probs(peaked_logits, 1.0, 0, top_p)
+    assert (peaked[tokens[~flat]] > 0).all()
+    torch.testing.assert_close(logprobs[~flat], peaked.log()[tokens[~flat]], atol=1e-5, rtol=1e-5)
 
 
 def test_nucleus_matches_transformers_top_p_warper_on_peaked_rows():

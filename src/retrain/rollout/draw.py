@@ -48,8 +48,9 @@ import torch
 BLOCK = 1024  # vocabulary entries per block of the inverse CDF
 SLACK = 1e-3  # relative inflation of a float32 block sum: > BLOCK * 2**-24, the worst rounding of BLOCK additions
 CANDIDATES = (64, 1024)  # sizes of the partial top-k a row's nucleus is looked for among, in turn
-SAMPLE = 256  # entries of a row (strided) whose values a wide nucleus's edge is bisected over
-_SORT_BELOW = 4096  # vocabularies up to this size sort a wide row instead (faster there)
+SAMPLE = 256  # entries of a row (strided) whose values a wide nucleus's edge is searched over
+_SORT_ALL_BELOW = 256  # vocabularies up to this size sort every row for top-p (faster there)
+_SORT_BELOW = 1024  # vocabularies up to this size sort a wide row instead of searching its edge
 _GUESS_SLACK = 4  # see _find_nucleus
 REDRAWS = 2  # rounds of rejection from a wide row before its nucleus is copied out to draw from
 
@@ -200,7 +201,7 @@ def _wide_edge(probs: torch.Tensor, top: torch.Tensor, above_top: torch.Tensor, 
     or below `lo` is (the mass above `lo` reaches it); only the tokens in between are sorted, which
     resolves the edge exactly (ties by vocabulary index)."""
     rows, vocab = probs.shape
-    if vocab <= _SORT_BELOW:  # a small vocabulary: one sort costs less than the bisection's passes
+    if vocab <= _SORT_BELOW:  # a small vocabulary: one sort costs less than the search's passes
         values, indices = probs.sort(dim=-1, descending=True, stable=True)  # [b, V]; stable: ties by index, as below
         before = values.cumsum(-1, dtype=torch.float64) - values  # the mass before each token
         row = torch.arange(rows, device=probs.device).repeat_interleave(vocab)
@@ -253,6 +254,11 @@ def _find_nucleus(probs: torch.Tensor, top_p: float, candidates: Union[int, tupl
     rows, vocab = probs.shape
     total = probs.sum(-1, keepdim=True).double()  # [B, 1]
     target = total.clamp(max=top_p)  # [B, 1]: top_p, or the row's mass if less
+    if vocab <= _SORT_ALL_BELOW:  # a tiny vocabulary: one stable sort of each row costs least
+        values, indices = probs.sort(dim=-1, descending=True, stable=True)  # [B, V]; stable: ties by index
+        before = values.cumsum(-1, dtype=torch.float64) - values  # the mass before each token
+        every = torch.arange(rows, device=probs.device)
+        return _Nucleus([(every, values * (before < target), indices)], every[:0], None)
     top = probs.amax(-1, keepdim=True)  # [B, 1]: no token outside the candidates so far is above it
     above_top = torch.zeros_like(target)  # [B, 1]: the mass strictly above `top`
     held = torch.zeros_like(target)  # [B, 1]: the candidates' mass so far

@@ -115,11 +115,11 @@ def _edge_bracket(
     the target) and by 0, so about V / SAMPLE entries lie between them.
 
     They are searched for on exact masses, each step probing where the sample, scaled to the exact
-    masses at the bracket's ends, puts the target (an interpolation search: 4-6 steps on the rows
-    measured, where bisection takes 9), but at least 1/16 of the bracket from either end, and at the
-    midpoint once the bracket is wider than 2**(10 - step), which bounds the worst case near
-    bisection's. (Copying a narrowed bracket's entries out, to search fewer, costs about what the steps
-    it shortens do.)"""
+    masses at the bracket's ends, puts the target (an interpolation search, which on the rows
+    `benchmarks/NOTES.md` measures takes about half of bisection's steps), but at least 1/16 of the
+    bracket from either end, and at the midpoint while the bracket is wider than 2**(10 - step), which
+    bounds the worst case near bisection's. (Copying a narrowed bracket's entries out, to search fewer,
+    costs about what the steps it shortens do.)"""
     sample = probs[:, :: max(1, probs.size(-1) // SAMPLE)].sort(-1, descending=True).values  # [b, S]
     sample = sample.clamp_(max=top)  # the ladder stays non-increasing
     ladder = torch.cat([top, sample, torch.zeros_like(top)], dim=1)  # [b, L = S + 2]

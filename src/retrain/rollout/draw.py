@@ -193,6 +193,15 @@ class _Edge(NamedTuple):
         return out
 
 
+def _sorted_nucleus(probs: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The nucleus by one stable sort (ties by vocabulary index): each row of `probs` `[b, V]` sorted
+    descending, zeroed past the first token whose predecessors hold `target` `[b, 1]`, and the
+    sorted tokens' vocabulary indices, `[b, V]` each."""
+    values, indices = probs.sort(dim=-1, descending=True, stable=True)
+    before = values.cumsum(-1, dtype=torch.float64) - values  # the mass before each token
+    return values * (before < target), indices
+
+
 def _wide_edge(probs: torch.Tensor, top: torch.Tensor, above_top: torch.Tensor, target: torch.Tensor, total: torch.Tensor) -> _Edge:
     """The nucleus of rows of `probs` `[b, V]` whose `CANDIDATES` most probable tokens hold less than
     `target` `[b, 1]` (float64), each bounded by `top` `[b, 1]` (mass `above_top` above it, < target).
@@ -202,11 +211,10 @@ def _wide_edge(probs: torch.Tensor, top: torch.Tensor, above_top: torch.Tensor, 
     resolves the edge exactly (ties by vocabulary index)."""
     rows, vocab = probs.shape
     if vocab <= _SORT_BELOW:  # a small vocabulary: one sort costs less than the search's passes
-        values, indices = probs.sort(dim=-1, descending=True, stable=True)  # [b, V]; stable: ties by index, as below
-        before = values.cumsum(-1, dtype=torch.float64) - values  # the mass before each token
+        values, indices = _sorted_nucleus(probs, target)  # [b, V] each; ties by index, as below
         row = torch.arange(rows, device=probs.device).repeat_interleave(vocab)
         hi = torch.full_like(top, float("inf"))  # every token is in the "bracket"
-        return _Edge(total, hi, torch.zeros_like(target), row, indices.reshape(-1), values.reshape(-1).double(), (before < target).reshape(-1))
+        return _Edge(total, hi, torch.zeros_like(target), row, indices.reshape(-1), values.reshape(-1).double(), (values > 0).reshape(-1))
     lo, hi, above_hi = _edge_bracket(probs, top, above_top, target, total)
     # the bracket's tokens, sorted by row, then by probability descending (stably: ties by index)
     row, column = ((probs > lo) & (probs <= hi)).nonzero(as_tuple=True)  # [n] each, row-major
@@ -255,10 +263,8 @@ def _find_nucleus(probs: torch.Tensor, top_p: float, candidates: Union[int, tupl
     total = probs.sum(-1, keepdim=True).double()  # [B, 1]
     target = total.clamp(max=top_p)  # [B, 1]: top_p, or the row's mass if less
     if vocab <= _SORT_ALL_BELOW:  # a tiny vocabulary: one stable sort of each row costs least
-        values, indices = probs.sort(dim=-1, descending=True, stable=True)  # [B, V]; stable: ties by index
-        before = values.cumsum(-1, dtype=torch.float64) - values  # the mass before each token
         every = torch.arange(rows, device=probs.device)
-        return _Nucleus([(every, values * (before < target), indices)], every[:0], None)
+        return _Nucleus([(every, *_sorted_nucleus(probs, target))], every[:0], None)
     top = probs.amax(-1, keepdim=True)  # [B, 1]: no token outside the candidates so far is above it
     above_top = torch.zeros_like(target)  # [B, 1]: the mass strictly above `top`
     held = torch.zeros_like(target)  # [B, 1]: the candidates' mass so far

@@ -4,13 +4,18 @@
     python benchmarks/lm_head.py --vocab 151936 --rows 4 --tokens 512 1024 2048 --repeats 0 \
         --out-dir benchmarks/results/lm_head_lengths       # peak memory as completions grow
     python benchmarks/lm_head.py --vocab 100 --rows 2 --tokens 8 --repeats 1   # smoke test
+    python benchmarks/lm_head.py --vocab 151936 --rows 4 --tokens 512 --top-p 0.9 \
+        --out-dir benchmarks/results/lm_head_top_p       # also truncated_logps: true at top_p 0.9
 
 One forward and backward of one pass of the GRPO loss (`loss_type="dapo"`, temperature 0.9,
 advantages +-1, beta 0) on the `small` model body (hidden 256, 4 layers, tied embeddings) with a
 character vocabulary padded to `--vocab` tokens, random weights, `--rows` rows of a 16-token
 prompt and `--tokens` completion tokens, through each library's own code: retrain's
-`GRPOTrainer.compute_loss` (default: the chunked LM head; `full`: `full_logits: true`) and TRL
-1.16's `GRPOTrainer._compute_loss` (what its `training_step` runs per micro-batch). Each
+`GRPOTrainer.compute_loss` (default: the chunked LM head; `full`: `full_logits: true`; with
+`--top-p` below 1 also `truncated`: the chunked head with `truncated_logps: true` at that top_p, the
+log-probs of the nucleus the sampler draws from, which TRL has no counterpart of) and TRL 1.16's
+`GRPOTrainer._compute_loss` (what its `training_step` runs per micro-batch). The random weights
+make every row flat (a nucleus of most of the vocabulary), the nucleus search's hardest case. Each
 configuration runs in its own process, so its peak resident memory (`ru_maxrss`) is its own;
 "pass MB" is the peak after the pass less the peak before it (the library, the model and the
 batch loaded), what the pass itself added. Seconds: the median of `--repeats` passes after one warm-up (0: one pass, memory only).
@@ -34,8 +39,8 @@ from typing import Any
 
 from common import CHILD_ENV, REPO, commit, machine, write_results
 
-MODES = ("chunked", "full", "trl")
-LABELS = {"chunked": "retrain (chunked head, default)", "full": "retrain full_logits", "trl": "TRL"}
+MODES = ("chunked", "full", "trl", "truncated")
+LABELS = {"chunked": "retrain (chunked head, default)", "full": "retrain full_logits", "trl": "TRL", "truncated": "retrain truncated_logps"}
 PROMPT, TEMPERATURE = 16, 0.9
 
 
@@ -50,7 +55,7 @@ def _batch(vocab: int, rows: int, tokens: int) -> dict[str, Any]:
     }
 
 
-def _loss_pass(model_dir: str, vocab: int, rows: int, tokens: int, mode: str) -> Any:
+def _loss_pass(model_dir: str, vocab: int, rows: int, tokens: int, mode: str, top_p: float) -> Any:
     """A callable running one forward + backward of `mode`'s loss on the fixed batch."""
     import torch
 
@@ -90,6 +95,7 @@ def _loss_pass(model_dir: str, vocab: int, rows: int, tokens: int, mode: str) ->
     algo = GRPOTrainer(
         policy=PolicyConfig(name_or_path=model_dir), reward=RewardCalculator([RewardSpec(name="regex_match", kwargs={"pattern": "a"})]),
         num_generations=rows, max_completion_length=tokens, temperature=TEMPERATURE, loss_type="dapo", full_logits=mode == "full",
+        **({"truncated_logps": True, "top_p": top_p} if mode == "truncated" else {}),
     )
     algo.configure_model()
     input_ids = torch.cat([b["prompt_ids"], b["completion_ids"]], 1)
@@ -107,8 +113,8 @@ def _loss_pass(model_dir: str, vocab: int, rows: int, tokens: int, mode: str) ->
     return step
 
 
-def child(model_dir: str, vocab: int, rows: int, tokens: int, repeats: int, mode: str) -> dict[str, Any]:
-    step = _loss_pass(model_dir, vocab, rows, tokens, mode)
+def child(model_dir: str, vocab: int, rows: int, tokens: int, repeats: int, mode: str, top_p: float) -> dict[str, Any]:
+    step = _loss_pass(model_dir, vocab, rows, tokens, mode, top_p)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # ru_maxrss is KiB on Linux
     seconds = []
     for _ in range(repeats + 1 if repeats else 1):
@@ -125,9 +131,9 @@ def _chunk(vocab: int) -> int:
     return default_chunk_size(vocab)
 
 
-def run(model_dir: str, vocab: int, rows: int, tokens: int, repeats: int, mode: str) -> dict[str, Any]:
+def run(model_dir: str, vocab: int, rows: int, tokens: int, repeats: int, mode: str, top_p: float) -> dict[str, Any]:
     command = [sys.executable, __file__, "--child", mode, "--model-dir", model_dir, "--vocab", str(vocab), "--rows", str(rows),
-               "--tokens", str(tokens), "--repeats", str(repeats)]
+               "--tokens", str(tokens), "--repeats", str(repeats), "--top-p", str(top_p)]
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **CHILD_ENV})
     if done.returncode != 0:
         raise RuntimeError(f"{mode} at vocab {vocab}, {tokens} tokens failed:\n{done.stderr[-3000:]}")
@@ -136,25 +142,27 @@ def run(model_dir: str, vocab: int, rows: int, tokens: int, repeats: int, mode: 
 
 def markdown(record: dict[str, Any]) -> str:
     c = record["config"]
+    modes = [m for m in MODES if m != "truncated" or c.get("top_p", 1.0) < 1.0]
     lines = [
         f"# The loss pass at real vocabulary sizes: retrain vs TRL ({record['commit']}, {record['machine']['summary']})",
         "",
         f"`small` body (hidden 256, 4 layers), {c['rows']} rows x (16 prompt + N completion) tokens, one forward and backward "
         f"of each library's GRPO loss (dapo, temperature {TEMPERATURE}); "
         + (f"seconds: median of {c['repeats']} after a warm-up" if c["repeats"] else "not timed (one pass, memory only)")
-        + ". Pass MB: the peak RSS after the pass less the peak before it (library, model and batch loaded).",
+        + ". Pass MB: the peak RSS after the pass less the peak before it (library, model and batch loaded)."
+        + (f" truncated: top_p {c['top_p']}." if "truncated" in modes else ""),
         "",
-        "| vocab | completion tokens | chunk | " + " | ".join(f"{LABELS[m]} pass MB" for m in MODES)
-        + " | chunked / TRL memory | " + " | ".join(f"{LABELS[m]} s" for m in MODES) + " |",
-        "| ---: | ---: | ---: | " + " | ".join("---:" for _ in MODES) + " | ---: | " + " | ".join("---:" for _ in MODES) + " |",
+        "| vocab | completion tokens | chunk | " + " | ".join(f"{LABELS[m]} pass MB" for m in modes)
+        + " | chunked / TRL memory | " + " | ".join(f"{LABELS[m]} s" for m in modes) + " |",
+        "| ---: | ---: | ---: | " + " | ".join("---:" for _ in modes) + " | ---: | " + " | ".join("---:" for _ in modes) + " |",
     ]
     for key, r in record["results"].items():
         vocab, tokens = key.split("x")
-        memory = {m: r[m]["pass_mb"] for m in MODES}
-        seconds = {m: f"{statistics.median(r[m]['seconds']):.2f}" if r[m]["seconds"] else "-" for m in MODES}
+        memory = {m: r[m]["pass_mb"] for m in modes}
+        seconds = {m: f"{statistics.median(r[m]['seconds']):.2f}" if r[m]["seconds"] else "-" for m in modes}
         lines.append(
-            f"| {int(vocab):,} | {int(tokens):,} | {r['chunk']} | " + " | ".join(f"{memory[m]:.0f}" for m in MODES)
-            + f" | {memory['chunked'] / max(memory['trl'], 1e-9):.2f} | " + " | ".join(seconds[m] for m in MODES) + " |"
+            f"| {int(vocab):,} | {int(tokens):,} | {r['chunk']} | " + " | ".join(f"{memory[m]:.0f}" for m in modes)
+            + f" | {memory['chunked'] / max(memory['trl'], 1e-9):.2f} | " + " | ".join(seconds[m] for m in modes) + " |"
         )
     return "\n".join(lines) + "\n"
 
@@ -165,12 +173,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", type=int, default=16)
     parser.add_argument("--tokens", type=int, nargs="+", default=[512], help="completion lengths to run")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes after a warm-up (0: one untimed pass)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="below 1: also the truncated_logps pass at this top_p")
     parser.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"))
     parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(child(args.model_dir, args.vocab[0], args.rows, args.tokens[0], args.repeats, args.child)))
+        print(json.dumps(child(args.model_dir, args.vocab[0], args.rows, args.tokens[0], args.repeats, args.child, args.top_p)))
         return
     from retrain.models.tiny import TinyModelConfig, build_tiny_model
 
@@ -184,13 +193,15 @@ def main(argv: list[str] | None = None) -> None:
                                 max_position_embeddings=PROMPT + max(args.tokens), vocab_size=vocab),
             ))
             for tokens in args.tokens:
-                results[f"{vocab}x{tokens}"] = {mode: run(model_dir, vocab, args.rows, tokens, args.repeats, mode) for mode in MODES}
+                modes = [m for m in MODES if m != "truncated" or args.top_p < 1.0]
+                results[f"{vocab}x{tokens}"] = {mode: run(model_dir, vocab, args.rows, tokens, args.repeats, mode, args.top_p) for mode in modes}
                 results[f"{vocab}x{tokens}"]["chunk"] = _chunk(vocab)
     import torch
 
     record = {
         "benchmark": "lm_head", "commit": commit(), "machine": machine(load_before, torch.get_num_threads()),
-        "config": {"vocab_sizes": args.vocab, "rows": args.rows, "tokens": args.tokens, "repeats": args.repeats}, "results": results,
+        "config": {"vocab_sizes": args.vocab, "rows": args.rows, "tokens": args.tokens, "repeats": args.repeats, "top_p": args.top_p},
+        "results": results,
     }
     table = markdown(record)
     write_results(args.out_dir, "lm_head", record, table)

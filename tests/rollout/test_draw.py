@@ -110,15 +110,18 @@ def test_draws_follow_the_distribution_generate_defines(temperature, top_k, top_
     torch.testing.assert_close(logprobs, expected.log()[tokens], atol=1e-5, rtol=1e-5)
 
 
-@pytest.fixture(params=["sort", "bracket"])
+@pytest.fixture(params=["sort", "bracket", "bracket-batched"])
 def wide_path(request, monkeypatch):
     """Top-p at a small vocabulary: one stable sort of each row, or (as at a real vocabulary) the
-    candidates, then the bracket search for rows wider than them."""
+    candidates, then the bracket search for rows wider than them, a row at a time (a CPU's way) or
+    every row at once (an accelerator's, here run on whichever device the test has)."""
     from retrain.rollout import draw as draws
 
-    if request.param == "bracket":
+    if request.param.startswith("bracket"):
         monkeypatch.setattr(draws, "_SORT_ALL_BELOW", 0)
         monkeypatch.setattr(draws, "_SORT_BELOW", 0)
+    if request.param == "bracket-batched":
+        monkeypatch.setattr(draws, "ROW_AT_A_TIME", ())
     return request.param
 
 
@@ -149,8 +152,9 @@ def test_nucleus_is_the_sorted_definition_without_a_sort(vocab, scale, device, w
             )
 
 
+@pytest.mark.parametrize("batched", [False, True], ids=["by-row", "batched"])
 @pytest.mark.parametrize("vocab, sort_below", [(1000, None), (1000, 0), (40000, None)], ids=["1000-sort", "1000-bracket", "40000-bracket"])
-def test_the_wide_nucleus_is_exact_with_ties_zeros_and_an_edge_past_every_sampled_value(vocab, sort_below, device, monkeypatch):
+def test_the_wide_nucleus_is_exact_with_ties_zeros_and_an_edge_past_every_sampled_value(vocab, sort_below, batched, device, monkeypatch):
     """Rows whose nucleus is far wider than the candidates: logits on a coarse grid (hundreds or
     thousands of tokens tied at the edge), a third of the vocabulary at probability 0 (masked, like
     end-of-sequence before `min_new_tokens`), and top_p so close to 1 that the edge lies below the
@@ -160,6 +164,8 @@ def test_the_wide_nucleus_is_exact_with_ties_zeros_and_an_edge_past_every_sample
 
     if sort_below is not None:
         monkeypatch.setattr(draws, "_SORT_BELOW", sort_below)
+    if batched:
+        monkeypatch.setattr(draws, "ROW_AT_A_TIME", ())
     torch.manual_seed(2)
     logits = torch.randint(0, 6, (4, vocab)).float() * 0.5
     logits[1:, : vocab // 3] = float("-inf")

@@ -68,11 +68,22 @@ def _truncated_reference(hidden, weight, targets, temperature, top_k, top_p):
     return logps, entropy, keep
 
 
-@pytest.mark.parametrize("top_k, top_p", [(3, 1.0), (0, 0.7), (5, 0.8)])
+@pytest.mark.parametrize("nucleus_path", ["sort", "candidates-bracket", "candidates-bracket-batched"])
+@pytest.mark.parametrize("top_k, top_p", [(3, 1.0), (0, 0.7), (5, 0.8), (0, 0.95)])
 @pytest.mark.parametrize("chunk", [1, 3, 100])
-def test_truncated_log_probs_entropies_and_gradients_are_those_of_the_kept_tokens(top_k, top_p, chunk):
+def test_truncated_log_probs_entropies_and_gradients_are_those_of_the_kept_tokens(top_k, top_p, chunk, nucleus_path, monkeypatch):
     """With the sampler's top-k / top-p, the log-probs are of the truncated, renormalized
-    distribution; a target outside the kept tokens is kept with them (finite log-prob)."""
+    distribution; a target outside the kept tokens is kept with them (finite log-prob). The nucleus
+    by a whole-row sort (this vocabulary's way), or as at a real vocabulary: 2 candidates, which hold
+    some rows' nuclei, and the bracket search for the others, a row at a time or batched."""
+    from retrain.rollout import draw as draws
+
+    if nucleus_path != "sort":
+        monkeypatch.setattr(draws, "_SORT_ALL_BELOW", 0)
+        monkeypatch.setattr(draws, "_SORT_BELOW", 0)
+        monkeypatch.setattr(draws, "CANDIDATES", (2,))
+    if nucleus_path.endswith("batched"):
+        monkeypatch.setattr(draws, "ROW_AT_A_TIME", ())
     hidden, weight, _, targets = _inputs(False, seed=4)
     weights_l = torch.linspace(-1, 2, M, dtype=torch.float64)
     weights_e = torch.linspace(0.5, -1.5, M, dtype=torch.float64)

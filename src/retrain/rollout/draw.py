@@ -26,8 +26,8 @@ row at every token (`benchmarks/sampling.py` measures them side by side). Here:
   largest value not yet counted fall short (a flat row skips them all). Otherwise (a flat row: an
   untrained model, a high temperature) the edge is bracketed between neighbours of a sorted strided
   sample of `SAMPLE` of the row's values by an interpolation search on exact masses (each step one
-  "mass above this value": two passes over the row, no copy), and only the ~V / `SAMPLE` tokens
-  inside the final bracket are sorted. Such a nucleus is drawn from by rejection: a token drawn from
+  "mass above this value"; on a CPU a row at a time, so that the row stays in cache across its
+  probes), and only the ~V / `SAMPLE` tokens inside the final bracket are sorted. Such a nucleus is drawn from by rejection: a token drawn from
   the whole row is kept if it is in the nucleus, which is an exact draw from the nucleus, and keeps
   most draws since the nucleus holds top_p of the mass (a row still without a token after `REDRAWS`
   rounds draws from its nucleus copied out). Ties at the nucleus edge are resolved by `topk`'s order
@@ -36,13 +36,16 @@ row at every token (`benchmarks/sampling.py` measures them side by side). Here:
   the probabilities themselves.
 
 `draw` returns each token's log-probability under the distribution it was drawn from (the warped,
-renormalized one), for the sampler's side of the off-policy metrics.
+renormalized one), for the sampler's side of the off-policy metrics. `nucleus_` cuts the same
+nuclei out of probabilities in place, for the trainer's log-probs under that distribution.
 """
 
 from __future__ import annotations
 
+import bisect
 from typing import NamedTuple, Optional, Union
 
+import numpy
 import torch
 
 BLOCK = 1024  # vocabulary entries per block of the inverse CDF
@@ -53,6 +56,7 @@ _SORT_ALL_BELOW = 256  # vocabularies up to this size sort every row for top-p (
 _SORT_BELOW = 1024  # vocabularies up to this size sort a wide row instead of searching its edge
 _GUESS_SLACK = 4  # see _find_nucleus
 REDRAWS = 2  # rounds of rejection from a wide row before its nucleus is copied out to draw from
+ROW_AT_A_TIME = ("cpu",)  # devices whose wide-row passes go a row at a time (it stays in cache); others batch them
 
 
 def inverse_cdf(probs: torch.Tensor, generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,43 +97,80 @@ def inverse_cdf(probs: torch.Tensor, generator: Optional[torch.Generator] = None
     return tokens, sums.double().sum(-1)
 
 
-def _mass_above(probs: torch.Tensor, floor: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
-    """`[b, 1]` float64 mass of the entries of `probs` `[b, V]` strictly above each row's `floor`
-    `[b, 1]`: sum(max(p - floor, 0)) + floor x count(p > floor), the count as the sum of the signs of
-    the same temporary (p - floor is 0 only where p == floor, under IEEE subtraction). In place on one
-    temporary and summed in float32 (torch's reductions sum in blocks, so the error stays near float32
-    rounding): a masked copy or a float64 or integer reduction would first copy the whole input.
-    `scratch`: a tensor like `probs` to hold the temporary (fresh [b, V] memory costs page faults)."""
-    excess = torch.sub(probs, floor, out=scratch).clamp_(min=0)  # [b, V]
-    mass = excess.sum(-1, keepdim=True).double()
-    return mass + floor.double() * excess.sign_().sum(-1, keepdim=True).double()
-
-
 def _edge_bracket(
     probs: torch.Tensor, top: torch.Tensor, above_top: torch.Tensor, target: torch.Tensor, total: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per row of `probs` `[b, V]` (row masses `total` `[b, 1]`, float64), probabilities `lo < hi`
-    `[b, 1]` with the exact mass above `hi` below `target` `[b, 1]` and the mass above `lo` at least
-    the target, and that mass above `hi` (float64 `[b, 1]`). `lo` and `hi` are neighbours in a sorted
-    strided sample of `SAMPLE` entries, bounded by `top` `[b, 1]` (mass `above_top` above it, less than
-    the target) and by 0, so about V / SAMPLE entries lie between them.
+    with the exact mass above `hi` below `target` `[b, 1]` and the mass above `lo` at least the target.
+    `lo` and `hi` are neighbours in a sorted strided sample of `SAMPLE` entries, bounded by `top`
+    `[b, 1]` (mass `above_top` above it, less than the target) and by 0, so about V / SAMPLE entries
+    lie between them. Returns `hi` `[b, 1]`, the mass above it (float64 `[b, 1]`), and the tokens in
+    the bracket, `lo < p <= hi`, as `(row [n], column [n])`, row-major.
 
     They are searched for on exact masses, each step probing where the sample, scaled to the exact
     masses at the bracket's ends, puts the target (an interpolation search, which on the rows
     `benchmarks/NOTES.md` measures takes about half of bisection's steps), but at least 1/16 of the
     bracket from either end, and at the midpoint while the bracket is wider than 2**(10 - step), which
-    bounds the worst case near bisection's. (Copying a narrowed bracket's entries out, to search fewer,
-    costs about what the steps it shortens do.)"""
+    bounds the worst case near bisection's. On a CPU a row at a time (`_search_rows`), elsewhere every
+    row at once (`_search_batched`): the same probes."""
     sample = probs[:, :: max(1, probs.size(-1) // SAMPLE)].sort(-1, descending=True).values  # [b, S]
     sample = sample.clamp_(max=top)  # the ladder stays non-increasing
     ladder = torch.cat([top, sample, torch.zeros_like(top)], dim=1)  # [b, L = S + 2]
     # sampled mass above each ladder value, up to the stride: the sample's entries before it
     sampled = torch.cat([torch.zeros_like(target).expand(-1, 2), sample.double().cumsum(-1)], dim=1)  # [b, L]
+    search = _search_rows if probs.device.type in ROW_AT_A_TIME else _search_batched
+    return search(probs, ladder, sampled, above_top, target, total)
+
+
+def _search_rows(
+    probs: torch.Tensor, ladder: torch.Tensor, sampled: torch.Tensor, above_top: torch.Tensor, target: torch.Tensor, total: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`_edge_bracket`'s search on a CPU: one row at a time, its steps in Python numbers, and each
+    probe's mass one `threshold` and one `sum` of the row, which stays in cache from probe to probe
+    and for the bracket's tokens (a row is 600 KB at 151,936), where whole-batch passes each go
+    through memory. `ladder`, `sampled`: `[b, L]`, the ladder values and the sampled mass above each."""
+    scratch = probs.new_empty(probs.size(-1))  # [V]
+    held = probs.new_empty(())
+    his, aboves, columns = [], [], []
+    rows = zip(ladder.tolist(), sampled.tolist(), above_top.squeeze(1).tolist(), target.squeeze(1).tolist(), total.squeeze(1).tolist())
+    for row, (values, cumulative, above_hi, goal, above_lo) in zip(probs, rows):
+        below, reach, step = 0, len(values) - 1, 0  # ladder indices: mass above values[below] < goal <= above values[reach]
+        while reach - below > 1:
+            width = reach - below
+            if width > 2 ** max(10 - step, 0):
+                probe = (below + reach) // 2
+            else:  # past the last index whose estimated mass above is below the goal, kept off the ends
+                start = cumulative[below]
+                cut = start + (goal - above_hi) * max(cumulative[reach] - start, 1e-300) / (above_lo - above_hi)
+                probe = max(bisect.bisect_left(cumulative, cut, below + 1, reach) - 1, below + 1)
+                probe = min(max(probe, below + width // 16), reach - width // 16)
+            probe = min(max(probe, below + 1), reach - 1)
+            mass = float(torch.sum(torch.threshold(row, values[probe], 0.0, out=scratch), 0, out=held))
+            if mass >= goal:
+                reach, above_lo = probe, mass
+            else:
+                below, above_hi = probe, mass
+            step += 1
+        entries = row.numpy()  # numpy's comparisons and flatnonzero on one row take half of torch's
+        columns.append(torch.from_numpy(numpy.flatnonzero((entries > values[reach]) & (entries <= values[below]))))
+        his.append(values[below])
+        aboves.append(above_hi)
+    counts = torch.tensor([c.numel() for c in columns])
+    hi = torch.tensor(his, dtype=probs.dtype).unsqueeze(1)
+    return hi, torch.tensor(aboves, dtype=torch.float64).unsqueeze(1), torch.arange(probs.size(0)).repeat_interleave(counts), torch.cat(columns)
+
+
+def _search_batched(
+    probs: torch.Tensor, ladder: torch.Tensor, sampled: torch.Tensor, above_top: torch.Tensor, target: torch.Tensor, total: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`_edge_bracket`'s search for every row at once (an accelerator, where a row at a time would
+    wait on every probe): each probe's mass is sum(max(p - floor, 0)) + floor x count(p > floor), the
+    count as the sum of the signs of the same temporary (p - floor is 0 only where p == floor, under
+    IEEE subtraction), which needs no masked copy and no integer reduction."""
     below = torch.zeros_like(target, dtype=torch.long)  # ladder index whose mass above is < target
     reach = torch.full_like(below, ladder.size(1) - 1)  # ladder index whose mass above reaches it
     above_hi, above_lo = above_top.clone(), total.clone()  # the exact masses above ladder[below] and ladder[reach]
     positions = torch.arange(ladder.size(1), device=probs.device)  # [L]
-    scratch = torch.empty_like(probs)
     step = 0
     while bool((reach - below > 1).any()):
         width = reach - below
@@ -141,7 +182,9 @@ def _edge_bracket(
         guess = torch.minimum(torch.maximum(guess, below + width // 16), reach - width // 16)
         guess = torch.where(width > 2 ** max(10 - step, 0), (below + reach) // 2, guess).clamp(min=below + 1)
         probe = torch.minimum(guess, reach - 1).clamp(min=0)  # rows already done probe harmlessly (below + 1 = reach)
-        mass = _mass_above(probs, ladder.gather(1, probe), scratch)
+        floor = ladder.gather(1, probe)  # [b, 1]
+        excess = (probs - floor).clamp_(min=0)  # [b, V]
+        mass = excess.sum(-1, keepdim=True).double() + floor.double() * excess.sign_().sum(-1, keepdim=True).double()
         reached = mass >= target
         live = width > 1
         reach = torch.where(live & reached, probe, reach)
@@ -149,7 +192,9 @@ def _edge_bracket(
         below = torch.where(live & ~reached, probe, below)
         above_hi = torch.where(live & ~reached, mass, above_hi)
         step += 1
-    return ladder.gather(1, reach), ladder.gather(1, below), above_hi
+    lo, hi = ladder.gather(1, reach), ladder.gather(1, below)
+    row, column = ((probs > lo) & (probs <= hi)).nonzero(as_tuple=True)  # [n] each, row-major
+    return hi, above_hi, row, column
 
 
 class _Edge(NamedTuple):
@@ -179,9 +224,15 @@ class _Edge(NamedTuple):
         member[self.row[self.kept & (self.column == drawn[self.row])]] = True
         return (probs > self.hi.squeeze(1)[rows]) | member[rows]
 
-    def apply(self, probs: torch.Tensor, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """`probs` `[m, V]` of the nucleus's `rows` `[m]` (all, in order, when None) with everything outside it set to 0."""
-        out = probs.masked_fill(probs <= (self.hi if rows is None else self.hi[rows]), 0.0)
+    def restrict_(self, probs: torch.Tensor, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """`probs` `[m, V]`, the rows `rows` `[m]` of the nucleus (all, in order, when None), with
+        everything outside it set to 0, in place."""
+        hi = self.hi if rows is None else self.hi[rows]
+        if probs.device.type in ROW_AT_A_TIME:  # stays in cache, and needs no [m, V] mask
+            for row, value in zip(probs, hi.squeeze(1).tolist()):
+                torch.threshold(row, value, 0.0, out=row)
+        else:
+            probs.masked_fill_(probs <= hi, 0.0)
         keep = self.kept
         where = self.row
         if rows is not None:  # the bracket's rows among `rows`, renumbered
@@ -189,8 +240,8 @@ class _Edge(NamedTuple):
             renumber[rows] = torch.arange(rows.numel(), device=rows.device)
             where = renumber[self.row]
             keep = keep & (where >= 0)
-        out[where[keep], self.column[keep]] = self.value[keep].to(out.dtype)
-        return out
+        probs[where[keep], self.column[keep]] = self.value[keep].to(probs.dtype)
+        return probs
 
 
 def _sorted_nucleus(probs: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,13 +266,15 @@ def _wide_edge(probs: torch.Tensor, top: torch.Tensor, above_top: torch.Tensor, 
         row = torch.arange(rows, device=probs.device).repeat_interleave(vocab)
         hi = torch.full_like(top, float("inf"))  # every token is in the "bracket"
         return _Edge(total, hi, torch.zeros_like(target), row, indices.reshape(-1), values.reshape(-1).double(), (values > 0).reshape(-1))
-    lo, hi, above_hi = _edge_bracket(probs, top, above_top, target, total)
+    hi, above_hi, row, column = _edge_bracket(probs, top, above_top, target, total)
     # the bracket's tokens, sorted by row, then by probability descending (stably: ties by index)
-    row, column = ((probs > lo) & (probs <= hi)).nonzero(as_tuple=True)  # [n] each, row-major
     values = probs[row, column]
-    # one sort by row, then probability descending: non-negative float32 bits order as their values
-    descending = 0x7FFFFFFF - values.view(torch.int32).long()  # [n] in [0, 2**31)
-    order = ((row << 31) | descending).sort(stable=True).indices  # stable: ties stay in index order
+    if values.dtype == torch.float32:  # one sort by row, then probability descending: non-negative float32 bits order as their values
+        descending = 0x7FFFFFFF - values.view(torch.int32).long()  # [n] in [0, 2**31)
+        order = ((row << 31) | descending).sort(stable=True).indices  # stable: ties stay in index order
+    else:  # (the trainer's float64) by probability, then stably by row
+        order = values.sort(descending=True, stable=True).indices
+        order = order[row[order].sort(stable=True).indices]
     row, column, values = row[order], column[order], values[order].double()
     before = values.cumsum(0) - values  # [n] mass of the bracket tokens before each one, over all rows
     counts = torch.bincount(row, minlength=rows)
@@ -275,12 +328,15 @@ def _find_nucleus(probs: torch.Tensor, top_p: float, candidates: Union[int, tupl
     for size in levels:
         size = min(size, vocab)
         hopeful = (held[pending] + (size - counted[pending]) * top[pending].double() >= target[pending]).squeeze(1)
-        flat = hopeful & (counted[pending] == 0).squeeze(1) & (size != levels[0])
-        if bool(flat.any()):  # the sample's guess: its sorted values, times the stride, summed up to the target
-            rows_flat = pending[flat]
-            sampled = probs[rows_flat, ::stride].sort(-1, descending=True).values.cumsum(-1, dtype=torch.float64) * stride
-            guess = stride * (1 + (sampled < target[rows_flat]).sum(-1))  # [f]
-            hopeful[flat.nonzero().squeeze(1)] = guess <= _GUESS_SLACK * size
+        later = hopeful & (size != levels[0])
+        if bool(later.any()):  # the sample's guess: the counted candidates, then its values below them, sorted
+            guessed = pending[later]
+            sample = probs[guessed, ::stride]  # [g, S]
+            fresh = counted[guessed] == 0  # [g, 1] rows that skipped every size so far: the whole sample
+            sample = torch.where(fresh | (sample < top[guessed]), sample, 0.0).sort(-1, descending=True).values
+            reached = held[guessed] + sample.cumsum(-1, dtype=torch.float64) * stride  # [g, S]
+            guess = counted[guessed] + stride * (1 + (reached < target[guessed]).sum(-1, keepdim=True))  # [g, 1]
+            hopeful[later.nonzero().squeeze(1)] = (guess <= _GUESS_SLACK * size).squeeze(1)
         tried = pending[hopeful]
         if tried.numel():
             values, indices = (probs if tried.numel() == rows else probs[tried]).topk(size, dim=-1)  # [t, K], descending
@@ -303,17 +359,29 @@ def _find_nucleus(probs: torch.Tensor, top_p: float, candidates: Union[int, tupl
     return _Nucleus(narrow, pending, edge)
 
 
-def nucleus(probs: torch.Tensor, top_p: float, candidates: Union[int, tuple[int, ...]] = CANDIDATES) -> torch.Tensor:
+def nucleus(probs: torch.Tensor, top_p: float, candidates: Union[int, tuple[int, ...], None] = None) -> torch.Tensor:
     """`probs` `[B, V]` (rows summing to 1 up to rounding) with everything outside each row's top-p
     nucleus set to 0, without a sort of the vocabulary (`candidates`: the sizes of the partial top-k
-    looked among first). `draw` finds the same nuclei, and draws from them without this form."""
-    found = _find_nucleus(probs, top_p, candidates)
-    out = torch.zeros_like(probs)
-    for rows, values, indices in found.narrow:
-        out[rows] = out[rows].scatter(1, indices, values)
+    looked among first; `CANDIDATES` by default). `draw` finds the same nuclei, and draws from them
+    without this form."""
+    return nucleus_(probs.clone(), top_p, candidates)
+
+
+def nucleus_(probs: torch.Tensor, top_p: float, candidates: Union[int, tuple[int, ...], None] = None) -> torch.Tensor:
+    """`nucleus`, in place: `probs` itself, zeroed outside each row's nucleus."""
+    found = _find_nucleus(probs, top_p, CANDIDATES if candidates is None else candidates)
     if found.edge is not None:
-        out[found.wide] = found.edge.apply(probs[found.wide])
-    return out
+        if found.wide.numel() == probs.size(0):
+            found.edge.restrict_(probs)
+        else:
+            probs[found.wide] = found.edge.restrict_(probs[found.wide])
+    for rows, values, indices in found.narrow:  # the kept candidates' values (copies), zeros past the nucleus
+        if rows.numel() == probs.size(0):
+            probs.zero_().scatter_(1, indices, values)
+        else:
+            probs[rows] = 0.0
+            probs[rows[:, None], indices] = values
+    return probs
 
 
 def truncation_mask(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> Optional[torch.Tensor]:
@@ -325,7 +393,7 @@ def truncation_mask(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) ->
         keep = logits >= logits.topk(top_k, dim=-1).values[:, -1:]  # transformers' rule: ties at the k-th stay
     if top_p < 1.0:
         probs = (logits if keep is None else logits.masked_fill(~keep, float("-inf"))).float().softmax(-1)
-        keep = nucleus(probs, top_p) > 0
+        keep = nucleus_(probs, top_p) > 0
     return keep
 
 
@@ -368,7 +436,7 @@ def _draw_in(probs: torch.Tensor, edge: _Edge, generator: Optional[torch.Generat
     pending[todo] = True
     if bool(pending.any()):
         rows = pending.nonzero().squeeze(1)
-        tokens[rows], _ = inverse_cdf(edge.apply(probs[rows], rows), generator)
+        tokens[rows], _ = inverse_cdf(edge.restrict_(probs[rows], rows), generator)
     chosen = probs.gather(1, tokens[:, None]).squeeze(1).double()  # [b]
     return tokens, (chosen.log() - mass.log()).float()
 

@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from retrain.rollout.draw import truncation_mask
+from retrain.rollout.draw import nucleus_, truncation_mask
 
 Truncation = Optional[tuple[int, float]]  # (top_k, top_p) the sampler truncates with, or None for the full softmax
 
@@ -56,21 +56,56 @@ def log_softmax_over(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return log_probs.clamp(min=floor) if log_probs.requires_grad else log_probs.clamp_(min=floor)
 
 
-def _chunk_log_probs(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], temperature: float,
-    truncation: Truncation = None, targets: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """One chunk's log-softmax `[c, V]` at the temperature, in at least float32; the logits are freed
-    as soon as it exists (each `[c, V]` tensor is the path's whole memory, so every one counts).
-    With `truncation`, over the tokens the sampler could draw and the targets (`sampler_support`)."""
+def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], temperature: float) -> torch.Tensor:
+    """One chunk's logits `[c, V]` at the temperature, in at least float32."""
     logits = hidden @ weight.t()  # [c, V]
     if bias is not None:
         logits += bias
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # half-precision heads: softmax in float32
     if temperature != 1.0:
         logits /= temperature
-    keep = None if truncation is None else sampler_support(logits, targets, truncation)
-    return logits.log_softmax(-1) if keep is None else log_softmax_over(logits, keep)
+    return logits
+
+
+def _chunk_log_probs(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], temperature: float) -> torch.Tensor:
+    """One chunk's log-softmax `[c, V]` at the temperature, in the logits' own memory (each `[c, V]`
+    tensor is the path's whole memory, so every one counts)."""
+    logits = _chunk_logits(hidden, weight, bias, temperature)
+    return torch.log_softmax(logits, -1, out=logits)
+
+
+def _truncated_chunk(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], temperature: float,
+    truncation: tuple[int, float], targets: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One chunk under the sampler's truncation (`truncation_mask`'s rules, and each row's target
+    kept, as `sampler_support`): `log_p` `[c, V]`, `p` `[c, V]` (0 outside the kept tokens) and `m`
+    `[c, 1]` with the truncated distribution q = p / m and log q = log_p - log m on its tokens.
+
+    One softmax of the whole row serves the nucleus search and the log-probs, and the nucleus is cut
+    out of it in place (`nucleus_`), where masking the logits would take a mask, a masked copy and a
+    second softmax. Under top-k, `p` and `log_p` are those of the renormalized top-k, as the nucleus
+    is taken of it."""
+    top_k, top_p = truncation
+    logits = _chunk_logits(hidden, weight, bias, temperature)
+    outside = None
+    if 0 < top_k < logits.size(-1):  # transformers' rule on the logits themselves: ties at the k-th stay
+        outside = logits < logits.topk(top_k, dim=-1).values[:, -1:]  # [c, V] bool
+    log_p = torch.log_softmax(logits, -1, out=logits)  # [c, V]
+    probs = log_p.exp()  # [c, V]
+    chosen = probs.gather(1, targets[:, None])  # [c, 1] each target's probability, put back below
+    if outside is not None:
+        probs.masked_fill_(outside, 0.0)
+        del outside
+        if top_p < 1.0:  # the nucleus is of the renormalized top-k
+            top_mass = probs.sum(-1, keepdim=True)  # [c, 1]
+            probs /= top_mass
+            log_p -= top_mass.log()
+            chosen /= top_mass
+    if top_p < 1.0:
+        nucleus_(probs, top_p)
+    probs.scatter_(1, targets[:, None], chosen)
+    return log_p, probs, probs.sum(-1, keepdim=True)
 
 
 def _chunk_statistics(
@@ -78,10 +113,16 @@ def _chunk_statistics(
     truncation: Truncation,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """For one chunk: (log-probs of the targets [c], entropies [c])."""
-    log_probs = _chunk_log_probs(hidden, weight, bias, temperature, truncation, targets)  # [c, V]
-    target_logps = log_probs.gather(-1, targets[:, None]).squeeze(-1)  # [c]
-    entropy = -(log_probs.exp().mul_(log_probs)).sum(-1)  # [c]
-    return target_logps, entropy
+    if truncation is None:
+        log_probs = _chunk_log_probs(hidden, weight, bias, temperature)  # [c, V]
+        target_logps = log_probs.gather(-1, targets[:, None]).squeeze(-1)  # [c]
+        return target_logps, -(log_probs.exp().mul_(log_probs)).sum(-1)
+    log_p, probs, mass = _truncated_chunk(hidden, weight, bias, temperature, truncation, targets)
+    log_mass = mass.log().squeeze(-1)  # [c]
+    target_logps = log_p.gather(-1, targets[:, None]).squeeze(-1) - log_mass  # [c]
+    # -sum q log q with q = p / m over the kept tokens: log m - sum(p log_p) / m, since sum(p) = m
+    weighted = torch.bmm(probs[:, None, :], log_p[:, :, None]).view(-1)  # [c] sum(p log_p), no [c, V] product
+    return target_logps, log_mass - weighted / mass.squeeze(-1)
 
 
 class _ChunkedLogps(torch.autograd.Function):
@@ -111,9 +152,14 @@ class _ChunkedLogps(torch.autograd.Function):
         grad_entropy = None if grad_entropy is None else grad_entropy.to(dtype)
         for start in range(0, hidden.size(0), chunk):
             rows = slice(start, start + chunk)
-            # the same mask as the forward's: recomputed from the same logits (deterministic), not stored
-            log_probs = _chunk_log_probs(hidden[rows], weight, bias, temperature, truncation, targets[rows])  # [c, V]
-            probs = log_probs.exp()  # [c, V]
+            # the same support as the forward's: recomputed from the same logits (deterministic), not stored
+            if truncation is None:
+                log_probs = _chunk_log_probs(hidden[rows], weight, bias, temperature)  # [c, V]
+                probs = log_probs.exp()  # [c, V]
+            else:  # q = p / m and log q = log p - log m, where q is not 0 (elsewhere log q is finite, unused)
+                log_probs, probs, mass = _truncated_chunk(hidden[rows], weight, bias, temperature, truncation, targets[rows])
+                probs.div_(mass)
+                log_probs.sub_(mass.log())
             # d/dz of (g_l * l + g_E * E), then 1/T for z = logits / T: [c, V], built in place so that
             # at most two [c, V] tensors exist
             if grad_entropy is not None:
@@ -170,7 +216,7 @@ def chunked_logps(
     flat_hidden = hidden.reshape(-1, hidden.size(-1))  # [M, H]
     flat_targets = targets.reshape(-1)  # [M]
     chunk = chunk_size or default_chunk_size(weight.size(0))
-    truncation = (int(top_k), float(top_p)) if top_k or top_p < 1.0 else None
+    truncation = (int(top_k), float(top_p)) if 0 < top_k < weight.size(0) or top_p < 1.0 else None  # None: nothing truncated
     logps, entropy = _ChunkedLogps.apply(flat_hidden, weight, bias, flat_targets, float(temperature), int(chunk), truncation)
     if not entropy_grad:
         entropy = entropy.detach()

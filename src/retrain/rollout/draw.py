@@ -20,20 +20,21 @@ row at every token (`benchmarks/sampling.py` measures them side by side). Here:
   takes the full-vocabulary path with `transformers`' own `TopKLogitsWarper`, so tied tokens stay in.
 - **Top-p without a sort.** The nucleus of a row is its most probable tokens, in order, up to the
   first whose inclusive cumulative mass reaches `top_p` (at least one token): what
-  `transformers`' `TopPLogitsWarper` keeps. It is looked for among the row's 64, then 1,024 most
-  probable tokens (`CANDIDATES`, partial `topk`s) when they can hold `top_p` of the mass, the normal
-  case for a trained model; a size is skipped when even the tokens counted so far plus the rest at the
-  largest value not yet counted fall short (a flat row skips them all). Otherwise (a flat row: an
-  untrained model, a high temperature) the edge is bracketed between neighbours of a sorted strided
-  sample of `SAMPLE` of the row's values by an interpolation search on exact masses (each step one
-  "mass above this value"; on a CPU a row at a time, so that the row stays in cache across its
-  probes), and only the ~V / `SAMPLE` tokens inside the final bracket are sorted. Such a nucleus is drawn from by rejection: a token drawn from
-  the whole row is kept if it is in the nucleus, which is an exact draw from the nucleus, and keeps
-  most draws since the nucleus holds top_p of the mass (a row still without a token after `REDRAWS`
-  rounds draws from its nucleus copied out). Ties at the nucleus edge are resolved by `topk`'s order
-  among the candidates and by vocabulary index in the bracket, as `transformers`' are by its sort's.
-  Masses are float32 sums (blocked, so their error stays near float32 rounding), the precision of
-  the probabilities themselves.
+  `transformers`' `TopPLogitsWarper` keeps. It is looked for among the row's 64, then (not on a
+  CPU, where the search below costs less) 1,024 most probable tokens (`CANDIDATES`, partial
+  `topk`s) when they can hold `top_p` of the mass, the normal case for a trained model; a size is
+  skipped when even the tokens counted so far plus the rest at the largest value not yet counted
+  fall short (a flat row skips them all). Otherwise (a flat row: an untrained model, a high
+  temperature) the edge is bracketed between neighbours of a sorted strided sample of `SAMPLE` of
+  the row's values by an interpolation search on exact masses (each step one "mass above this
+  value"; on a CPU a row at a time, so that the row stays in cache across its probes), and only the
+  ~V / `SAMPLE` tokens inside the final bracket are sorted. Such a nucleus is drawn from by
+  rejection: a token drawn from the whole row is kept if it is in the nucleus, which is an exact
+  draw from the nucleus, and keeps most draws since the nucleus holds top_p of the mass (a row
+  still without a token after `REDRAWS` rounds draws from its nucleus copied out). Ties at the
+  nucleus edge are resolved by `topk`'s order among the candidates and by vocabulary index in the
+  bracket, as `transformers`' are by its sort's. Masses are float32 sums (blocked, so their error
+  stays near float32 rounding), the precision of the probabilities themselves.
 
 `draw` returns each token's log-probability under the distribution it was drawn from (the warped,
 renormalized one), for the sampler's side of the off-policy metrics. `nucleus_` cuts the same
@@ -50,7 +51,7 @@ import torch
 
 BLOCK = 1024  # vocabulary entries per block of the inverse CDF
 SLACK = 1e-3  # relative inflation of a float32 block sum: > BLOCK * 2**-24, the worst rounding of BLOCK additions
-CANDIDATES = (64, 1024)  # sizes of the partial top-k a row's nucleus is looked for among, in turn
+CANDIDATES = (64, 1024)  # sizes of the partial top-k a row's nucleus is looked for among, in turn (a CPU: the first)
 SAMPLE = 256  # entries of a row (strided) whose values a wide nucleus's edge is searched over
 _SORT_ALL_BELOW = 256  # vocabularies up to this size sort every row for top-p (faster there)
 _SORT_BELOW = 1024  # vocabularies up to this size sort a wide row instead of searching its edge
@@ -312,6 +313,8 @@ def _find_nucleus(probs: torch.Tensor, top_p: float, candidates: Union[int, tupl
     a size tries a larger one only if its strided sample (no heavy head to miss: its largest value is
     small) puts the nucleus within `_GUESS_SLACK` times that size: the bound alone is loose there."""
     levels = (candidates,) if isinstance(candidates, int) else candidates
+    if probs.device.type in ROW_AT_A_TIME:  # there the edge search costs less than a second, larger topk
+        levels = levels[:1]
     rows, vocab = probs.shape
     total = probs.sum(-1, keepdim=True).double()  # [B, 1]
     target = total.clamp(max=top_p)  # [B, 1]: top_p, or the row's mass if less
@@ -328,15 +331,12 @@ def _find_nucleus(probs: torch.Tensor, top_p: float, candidates: Union[int, tupl
     for size in levels:
         size = min(size, vocab)
         hopeful = (held[pending] + (size - counted[pending]) * top[pending].double() >= target[pending]).squeeze(1)
-        later = hopeful & (size != levels[0])
-        if bool(later.any()):  # the sample's guess: the counted candidates, then its values below them, sorted
-            guessed = pending[later]
-            sample = probs[guessed, ::stride]  # [g, S]
-            fresh = counted[guessed] == 0  # [g, 1] rows that skipped every size so far: the whole sample
-            sample = torch.where(fresh | (sample < top[guessed]), sample, 0.0).sort(-1, descending=True).values
-            reached = held[guessed] + sample.cumsum(-1, dtype=torch.float64) * stride  # [g, S]
-            guess = counted[guessed] + stride * (1 + (reached < target[guessed]).sum(-1, keepdim=True))  # [g, 1]
-            hopeful[later.nonzero().squeeze(1)] = (guess <= _GUESS_SLACK * size).squeeze(1)
+        flat = hopeful & (counted[pending] == 0).squeeze(1) & (size != levels[0])
+        if bool(flat.any()):  # the sample's guess: its sorted values, times the stride, summed up to the target
+            rows_flat = pending[flat]
+            sampled = probs[rows_flat, ::stride].sort(-1, descending=True).values.cumsum(-1, dtype=torch.float64) * stride
+            guess = stride * (1 + (sampled < target[rows_flat]).sum(-1))  # [f]
+            hopeful[flat.nonzero().squeeze(1)] = guess <= _GUESS_SLACK * size
         tried = pending[hopeful]
         if tried.numel():
             values, indices = (probs if tried.numel() == rows else probs[tried]).topk(size, dim=-1)  # [t, K], descending

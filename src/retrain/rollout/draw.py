@@ -20,9 +20,9 @@ row at every token (`benchmarks/sampling.py` measures them side by side). Here:
   takes the full-vocabulary path with `transformers`' own `TopKLogitsWarper`, so tied tokens stay in.
 - **Top-p without a sort.** The nucleus of a row is its most probable tokens, in order, up to the
   first whose inclusive cumulative mass reaches `top_p` (at least one token): what
-  `transformers`' `TopPLogitsWarper` keeps. It is looked for among the row's 64, then (not on a
-  CPU, where the search below costs less) 1,024 most probable tokens (`CANDIDATES`, partial
-  `topk`s) when they can hold `top_p` of the mass, the normal case for a trained model; a size is
+  `transformers`' `TopPLogitsWarper` keeps. It is looked for among the row's 64, then (except on a
+  CPU at vocabularies of 16,384 or more, where the search below costs less) 1,024 most probable
+  tokens (`CANDIDATES`, partial `topk`s) when they can hold `top_p` of the mass, the normal case for a trained model; a size is
   skipped when even the tokens counted so far plus the rest at the largest value not yet counted
   fall short (a flat row skips them all). Otherwise (a flat row: an untrained model, a high
   temperature) the edge is bracketed between neighbours of a sorted strided sample of `SAMPLE` of
@@ -51,11 +51,12 @@ import torch
 
 BLOCK = 1024  # vocabulary entries per block of the inverse CDF
 SLACK = 1e-3  # relative inflation of a float32 block sum: > BLOCK * 2**-24, the worst rounding of BLOCK additions
-CANDIDATES = (64, 1024)  # sizes of the partial top-k a row's nucleus is looked for among, in turn (a CPU: the first)
+CANDIDATES = (64, 1024)  # sizes of the partial top-k a row's nucleus is looked for among, in turn
 SAMPLE = 256  # entries of a row (strided) whose values a wide nucleus's edge is searched over
 _SORT_ALL_BELOW = 256  # vocabularies up to this size sort every row for top-p (faster there)
 _SORT_BELOW = 1024  # vocabularies up to this size sort a wide row instead of searching its edge
 _GUESS_SLACK = 4  # see _find_nucleus
+_ONE_SIZE_FROM = 16384  # vocabularies this large look among CANDIDATES[0] alone where rows go one at a time
 REDRAWS = 2  # rounds of rejection from a wide row before its nucleus is copied out to draw from
 ROW_AT_A_TIME = ("cpu",)  # devices whose wide-row passes go a row at a time (it stays in cache); others batch them
 
@@ -313,9 +314,9 @@ def _find_nucleus(probs: torch.Tensor, top_p: float, candidates: Union[int, tupl
     a size tries a larger one only if its strided sample (no heavy head to miss: its largest value is
     small) puts the nucleus within `_GUESS_SLACK` times that size: the bound alone is loose there."""
     levels = (candidates,) if isinstance(candidates, int) else candidates
-    if probs.device.type in ROW_AT_A_TIME:  # there the edge search costs less than a second, larger topk
-        levels = levels[:1]
     rows, vocab = probs.shape
+    if probs.device.type in ROW_AT_A_TIME and vocab >= _ONE_SIZE_FROM:  # the edge search costs less than a second topk
+        levels = levels[:1]
     total = probs.sum(-1, keepdim=True).double()  # [B, 1]
     target = total.clamp(max=top_p)  # [B, 1]: top_p, or the row's mass if less
     if vocab <= _SORT_ALL_BELOW:  # a tiny vocabulary: one stable sort of each row costs least

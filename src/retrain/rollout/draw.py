@@ -22,9 +22,9 @@ row at every token (`benchmarks/sampling.py` measures them side by side). Here:
   first whose inclusive cumulative mass reaches `top_p` (at least one token): what
   `transformers`' `TopPLogitsWarper` keeps. It is looked for among the row's 64, then (except on a
   CPU at vocabularies of 16,384 or more, where the search below costs less) 1,024 most probable
-  tokens (`CANDIDATES`, partial `topk`s) when they can hold `top_p` of the mass, the normal case for a trained model; a size is
-  skipped when even the tokens counted so far plus the rest at the largest value not yet counted
-  fall short (a flat row skips them all). Otherwise (a flat row: an untrained model, a high
+  tokens (`CANDIDATES`, partial `topk`s) when they can hold `top_p` of the mass, the normal case
+  for a trained model; a size is skipped when even the tokens counted so far plus the rest at the
+  largest value not yet counted fall short (a flat row skips them all). Otherwise (a flat row: an untrained model, a high
   temperature) the edge is bracketed between neighbours of a sorted strided sample of `SAMPLE` of
   the row's values by an interpolation search on exact masses (each step one "mass above this
   value"; on a CPU a row at a time, so that the row stays in cache across its probes), and only the
@@ -312,10 +312,12 @@ def _find_nucleus(probs: torch.Tensor, top_p: float, candidates: Union[int, tupl
     target: those already counted plus the rest at the largest value not counted (`top`) fall short,
     as in a flat row, where even `CANDIDATES[0]` times its largest probability does. A row that skipped
     a size tries a larger one only if its strided sample (no heavy head to miss: its largest value is
-    small) puts the nucleus within `_GUESS_SLACK` times that size: the bound alone is loose there."""
+    small) puts the nucleus within `_GUESS_SLACK` times that size: the bound alone is loose there.
+    Where rows are searched a row at a time (a CPU), vocabularies from `_ONE_SIZE_FROM` on try the
+    first size alone: the search costs less there than a second, larger `topk` (`benchmarks/NOTES.md`)."""
     levels = (candidates,) if isinstance(candidates, int) else candidates
     rows, vocab = probs.shape
-    if probs.device.type in ROW_AT_A_TIME and vocab >= _ONE_SIZE_FROM:  # the edge search costs less than a second topk
+    if probs.device.type in ROW_AT_A_TIME and vocab >= _ONE_SIZE_FROM:
         levels = levels[:1]
     total = probs.sum(-1, keepdim=True).double()  # [B, 1]
     target = total.clamp(max=top_p)  # [B, 1]: top_p, or the row's mass if less

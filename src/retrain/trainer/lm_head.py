@@ -153,19 +153,20 @@ class _ChunkedLogps(torch.autograd.Function):
         for start in range(0, hidden.size(0), chunk):
             rows = slice(start, start + chunk)
             # the same support as the forward's: recomputed from the same logits (deterministic), not stored
+            shift, scale = entropy[rows, None], None  # [c, 1]: log p + shift = log q + E, and q = p * scale
             if truncation is None:
                 log_probs = _chunk_log_probs(hidden[rows], weight, bias, temperature)  # [c, V]
                 probs = log_probs.exp()  # [c, V]
-            else:  # q = p / m and log q = log p - log m, where q is not 0 (elsewhere log q is finite, unused)
+            else:  # q = p / m and log q = log p - log m on the kept tokens (p is 0 elsewhere), folded into the row factors
                 log_probs, probs, mass = _truncated_chunk(hidden[rows], weight, bias, temperature, truncation, targets[rows])
-                probs.div_(mass)
-                log_probs.sub_(mass.log())
+                shift, scale = shift - mass.log(), mass.reciprocal()
             # d/dz of (g_l * l + g_E * E), then 1/T for z = logits / T: [c, V], built in place so that
             # at most two [c, V] tensors exist
             if grad_entropy is not None:
-                spread = log_probs.add_(entropy[rows, None]).mul_(probs).mul_(-grad_entropy[rows, None])  # -g_E p (log p + E)
+                factor = -grad_entropy[rows, None] if scale is None else -grad_entropy[rows, None] * scale
+                spread = log_probs.add_(shift).mul_(probs).mul_(factor)  # -g_E q (log q + E)
             del log_probs
-            grad_z = probs.mul_(-grad_logps[rows, None])  # -g_l p
+            grad_z = probs.mul_(-grad_logps[rows, None] if scale is None else -grad_logps[rows, None] * scale)  # -g_l q
             if grad_entropy is not None:
                 grad_z += spread
                 del spread
